@@ -1,0 +1,5 @@
+import sys
+
+from oral.cli import main
+
+sys.exit(main())
