@@ -8,6 +8,11 @@ import sys
 # Each entry is a module under oral.cli exposing add_parser(subparsers) and run(args) -> int.
 COMMANDS = [
     "models",
+    "inspect",
+    "evolve",
+    "zoo",
+    "tasks",
+    "eval",
 ]
 
 

@@ -1,0 +1,82 @@
+"""oral zoo: fine-tune LoRA checkpoints for the zoo (one run, or a grid from a YAML config)."""
+
+import json
+
+
+def add_parser(sub) -> None:
+    p = sub.add_parser(
+        "zoo",
+        help="fine-tune LoRA runs and keep their last checkpoints (the generator's training data)",
+        description=(
+            "One run: oral zoo --base B --task T --rank R --steps N --keep K --out ZOO. "
+            "A grid: oral zoo --config configs/zoo-quick.yaml [key=value ...]. "
+            "Many GPUs: accelerate launch --num_processes N -m oral.cli zoo --config ... "
+            "(runs are spread over processes). Rerunning a command finishes only what is missing."
+        ),
+    )
+    p.add_argument("overrides", nargs="*", help="config overrides key=value (e.g. train.steps=50)")
+    p.add_argument("--config", help="grid config YAML (configs/zoo-*.yaml)")
+    p.add_argument("--base", help="base model: embedded name, local HF dir or hub id")
+    p.add_argument("--task", help="task name or task YAML file")
+    p.add_argument("--rank", type=int, default=4, help="LoRA rank (default 4)")
+    p.add_argument("--steps", type=int, help="optimizer steps (default 100)")
+    p.add_argument("--keep", type=int, help="checkpoints kept: the last K (default 10)")
+    p.add_argument("--out", help="zoo directory (manifest.jsonl + runs/)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--targets", help="comma-separated module names (default q_proj,v_proj)")
+    p.add_argument("--lr", type=float, help="learning rate (default 2e-3)")
+    p.add_argument("--batch-size", type=int, help="batch size (default 8)")
+    p.add_argument("--summary", action="store_true", help="print the zoo's completed runs and exit")
+    p.add_argument("--json", action="store_true", help="print the summary as JSON")
+    p.set_defaults(func=run)
+
+
+def _print_summary(zoo_dir: str, as_json: bool) -> None:
+    from oral.zoo import Zoo
+
+    rows = Zoo(zoo_dir).summary()
+    if as_json:
+        print(json.dumps(rows, indent=2))
+        return
+
+    def f(v):
+        return "-" if v is None else f"{v:.3f}"
+
+    print(f"{'base':<16} {'task':<18} {'r':>2} {'seed':>4} {'steps':>5} {'ckpts':>5} "
+          f"{'base':>6} {'final':>6} {'ckpt min-max':>13} {'wall_s':>7}")
+    for r in rows:
+        spread = "-" if r["ckpt_min"] is None else f"{r['ckpt_min']:.3f}-{r['ckpt_max']:.3f}"
+        print(f"{r['base'][-16:]:<16} {r['task']:<18} {r['rank']:>2} {r['seed']:>4} {r['steps']:>5} "
+              f"{r['checkpoints']:>5} {f(r['base_metric']):>6} {f(r['final_metric']):>6} {spread:>13} "
+              f"{r['wall_s'] or 0:>7.1f}")
+
+
+def run(args) -> int:
+    import time
+
+    from oral.config import load_config
+    from oral.zoo import GridBlock, ZooConfig, ZooError, run_grid
+
+    if args.summary:
+        if not args.out:
+            raise ZooError("--summary needs --out ZOO")
+        _print_summary(args.out, args.json)
+        return 0
+    overrides = list(args.overrides)
+    if args.config is None:
+        if not (args.base and args.task and args.out):
+            raise ZooError("give --config CONFIG.yaml, or --base, --task and --out for one run")
+    elif args.base or args.task:
+        raise ZooError("--base/--task describe one run; with --config, edit the grid in the YAML instead")
+    for flag, key in (("steps", "train.steps"), ("keep", "train.keep"), ("lr", "train.lr"),
+                      ("batch_size", "train.batch_size"), ("targets", "train.targets"), ("out", "out")):
+        if getattr(args, flag) is not None:
+            overrides.append(f"{key}={getattr(args, flag)}")
+    cfg = load_config(ZooConfig, args.config, overrides)
+    if args.config is None:
+        cfg.grid = [GridBlock(bases=[args.base], tasks=[args.task], ranks=[args.rank], seeds=[args.seed])]
+    t0 = time.time()
+    counts = run_grid(cfg)
+    print(f"zoo {cfg.out}: {counts['trained']} runs trained, {counts['skipped']} already done "
+          f"(of {counts['runs']} for this process) in {time.time() - t0:.1f} s")
+    return 0

@@ -1,0 +1,223 @@
+"""The network: a recurrent (Mamba) model that makes one prototype per weight token, and a per-token
+denoiser eps(u_j, t | p_j) that turns noise into that token.
+
+    positions (B, N, 4)  --sinusoids-->  pos_emb (B, N, d)
+    c = proj([c_model ; c_text or null])  (B, d)
+    pos_emb + c  --Mamba stack-->  prototypes p (B, N, d)
+    eps = denoiser(u_j, t, p_j)           (one token at a time; all tokens of all samples batched)
+
+As in RPG, the recurrent model reads positions and the condition, not the noisy tokens: the
+prototypes are computed once per sample, and each denoising step only runs the small denoiser.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from transformers import MambaConfig, MambaModel
+
+DENOISERS = ("mlp", "conv")
+
+
+@dataclass
+class GeneratorConfig:
+    token_size: int = 256  # D: values per weight token
+    d_model: int = 256  # width of the Mamba stack and of the prototypes
+    n_layers: int = 2  # Mamba layers
+    d_state: int = 16  # Mamba state size
+    expand: int = 2  # Mamba inner width = expand * d_model
+    denoiser: str = "mlp"  # "mlp" (adaLN residual MLP) or "conv" (RPG's 1-D conv net over the token)
+    denoiser_width: int = 512  # mlp: hidden width
+    denoiser_depth: int = 3  # mlp: residual blocks
+    conv_channels: list[int] = field(default_factory=lambda: [32, 64, 128, 64, 32])  # conv: hidden channels
+    conv_kernel: int = 7  # conv: kernel size
+    model_cond_dim: int = 0  # c_model feature size (set from the conditions)
+    text_cond_dim: int = 384  # c_text feature size (set from the text encoder)
+
+    def __post_init__(self):
+        if self.denoiser not in DENOISERS:
+            raise ValueError(f"unknown denoiser {self.denoiser!r}; choose one of {', '.join(DENOISERS)}")
+        if self.d_model % 8:
+            raise ValueError(f"d_model must be a multiple of 8 (four sinusoid position parts), got {self.d_model}")
+
+
+# Named sizes (DiT-style registry). token_size is part of the preset: it fixes the weight tokenizer.
+GENERATOR_PRESETS: dict[str, dict] = {
+    "tiny": dict(token_size=64, d_model=64, n_layers=1, d_state=8, denoiser_width=128, denoiser_depth=2),
+    "small": dict(token_size=256, d_model=256, n_layers=2, denoiser_width=512, denoiser_depth=3),
+    "base": dict(token_size=512, d_model=512, n_layers=2, d_state=32, denoiser_width=1024, denoiser_depth=4),
+    "rpg-conv": dict(token_size=256, d_model=256, n_layers=2, denoiser="conv"),
+    "large": dict(token_size=1024, d_model=1024, n_layers=2, d_state=64, denoiser_width=2048, denoiser_depth=4),
+}
+
+
+def generator_config(preset: str, **overrides) -> GeneratorConfig:
+    """A preset's GeneratorConfig with some fields overridden."""
+    if preset not in GENERATOR_PRESETS:
+        raise ValueError(f"unknown generator preset {preset!r}; choose one of {', '.join(GENERATOR_PRESETS)}")
+    names = {f.name for f in dataclasses.fields(GeneratorConfig)}
+    unknown = sorted(set(overrides) - names)
+    if unknown:
+        raise ValueError(f"unknown generator setting(s) {', '.join(unknown)}; valid: {', '.join(sorted(names))}")
+    return GeneratorConfig(**{**GENERATOR_PRESETS[preset], **overrides})
+
+
+# -----------------------------------------------------------------------------
+# Embeddings
+
+
+def sinusoid(x: torch.Tensor, dim: int, max_period: float = 10000.0) -> torch.Tensor:
+    """x: (...) numbers -> (..., dim) [cos | sin] features."""
+    half = dim // 2
+    freqs = torch.exp(-math.log(max_period) * torch.arange(half, device=x.device, dtype=torch.float32) / half)
+    args = x.float()[..., None] * freqs  # (..., half)
+    return torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
+
+
+class PositionEmbedding(nn.Module):
+    """(layer, module, A/B, chunk) -> sinusoids of each part, concatenated and mixed by a linear map."""
+
+    def __init__(self, d_model: int):
+        super().__init__()
+        self.part = d_model // 4
+        self.mix = nn.Linear(4 * self.part, d_model)
+
+    def forward(self, positions: torch.Tensor) -> torch.Tensor:
+        # positions: (B, N, 4) long -> (B, N, d_model)
+        parts = [sinusoid(positions[..., i], self.part) for i in range(4)]
+        return self.mix(torch.cat(parts, dim=-1))
+
+
+class TimestepEmbedding(nn.Module):
+    """t -> sinusoid -> MLP."""
+
+    def __init__(self, dim: int, freq_dim: int = 256):
+        super().__init__()
+        self.freq_dim = freq_dim
+        self.mlp = nn.Sequential(nn.Linear(freq_dim, dim), nn.SiLU(), nn.Linear(dim, dim))
+
+    def forward(self, t: torch.Tensor) -> torch.Tensor:
+        return self.mlp(sinusoid(t, self.freq_dim))  # (M, dim)
+
+
+# -----------------------------------------------------------------------------
+# Denoisers: eps(u, t | p) for one token u (D values) with prototype p
+
+
+class AdaLNBlock(nn.Module):
+    """Residual MLP block whose LayerNorm scale/shift and output gate come from the conditioning."""
+
+    def __init__(self, width: int):
+        super().__init__()
+        self.norm = nn.LayerNorm(width, elementwise_affine=False)
+        self.mlp = nn.Sequential(nn.Linear(width, 2 * width), nn.SiLU(), nn.Linear(2 * width, width))
+        self.ada = nn.Linear(width, 3 * width)
+        nn.init.zeros_(self.ada.weight)
+        nn.init.zeros_(self.ada.bias)
+
+    def forward(self, h: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
+        shift, scale, gate = self.ada(F.silu(cond)).chunk(3, dim=-1)
+        return h + (1 + gate) * self.mlp(self.norm(h) * (1 + scale) + shift)
+
+
+class MLPDenoiser(nn.Module):
+    """u (M, D), t (M,), p (M, d) -> eps (M, D). The prototype enters both additively and via adaLN."""
+
+    def __init__(self, token_size: int, d_model: int, width: int, depth: int):
+        super().__init__()
+        self.inp = nn.Linear(token_size, width)
+        self.proto = nn.Linear(d_model, width)
+        self.time = TimestepEmbedding(width)
+        self.blocks = nn.ModuleList([AdaLNBlock(width) for _ in range(depth)])
+        self.norm = nn.LayerNorm(width)
+        self.out = nn.Linear(width, token_size)
+
+    def forward(self, u: torch.Tensor, t: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
+        cond = self.proto(p) + self.time(t)  # (M, width)
+        h = self.inp(u) + cond
+        for block in self.blocks:
+            h = block(h, cond)
+        return self.out(self.norm(h))
+
+
+class ConvDenoiser(nn.Module):
+    """RPG's denoiser shape: a 1-D conv net over the token's D values (channels 1 -> ... -> 1), with
+    the prototype (mapped to D values) and the time embedding added before every conv, and
+    encoder-decoder skips."""
+
+    def __init__(self, token_size: int, d_model: int, channels: list[int], kernel: int):
+        super().__init__()
+        chans = [1, *channels, 1]
+        self.proto = nn.Linear(d_model, token_size)
+        self.time = TimestepEmbedding(token_size)
+        self.convs = nn.ModuleList(nn.Conv1d(a, b, kernel, padding=kernel // 2) for a, b in zip(chans[:-1], chans[1:]))
+        self.norms = nn.ModuleList(nn.GroupNorm(1, b) for b in chans[1:-1])
+        self.n_down = len(chans) // 2 + 1  # encoder convs; the outputs of all but the last two feed the skips
+
+    def forward(self, u: torch.Tensor, t: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
+        c = (self.proto(p) + self.time(t))[:, None, :]  # (M, 1, D)
+        h = u[:, None, :]  # (M, 1, D)
+        skips = []
+        for i, conv in enumerate(self.convs):
+            if i >= self.n_down and skips:
+                h = h + skips.pop()
+            h = conv(h + c)
+            if i < len(self.norms):
+                h = F.silu(self.norms[i](h))
+                if i < self.n_down - 2:
+                    skips.append(h)
+        return h[:, 0, :]
+
+
+# -----------------------------------------------------------------------------
+# The generator network
+
+
+class LoraGenerator(nn.Module):
+    """Prototypes from (positions, condition) through Mamba; per-token denoising from prototypes."""
+
+    def __init__(self, config: GeneratorConfig):
+        super().__init__()
+        self.config = c = config
+        cond_in = c.model_cond_dim + c.text_cond_dim
+        self.null_text = nn.Parameter(torch.randn(c.text_cond_dim) * 0.02)  # the "no prompt" condition
+        self.cond = nn.Sequential(nn.Linear(cond_in, c.d_model), nn.SiLU(), nn.Linear(c.d_model, c.d_model))
+        self.pos = PositionEmbedding(c.d_model)
+        mamba = MambaConfig(
+            vocab_size=1,  # unused: the stack reads embeddings
+            hidden_size=c.d_model,
+            state_size=c.d_state,
+            num_hidden_layers=c.n_layers,
+            expand=c.expand,
+            conv_kernel=4,
+            use_mambapy=True,  # parallel scan on CPU; without it the backward is ~50x slower
+            use_cache=False,
+        )
+        self.mamba = MambaModel(mamba)
+        if c.denoiser == "mlp":
+            self.denoiser = MLPDenoiser(c.token_size, c.d_model, c.denoiser_width, c.denoiser_depth)
+        else:
+            self.denoiser = ConvDenoiser(c.token_size, c.d_model, list(c.conv_channels), c.conv_kernel)
+
+    def condition(self, c_model: torch.Tensor, c_text: torch.Tensor, drop_text: torch.Tensor | None = None) -> torch.Tensor:
+        """c_model (B, Cm), c_text (B, Ct), drop_text (B,) bool -> c (B, d_model)."""
+        if drop_text is not None:
+            c_text = torch.where(drop_text[:, None], self.null_text.expand_as(c_text), c_text)
+        return self.cond(torch.cat([c_model, c_text], dim=-1))
+
+    def prototypes(self, positions: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+        """positions (B, N, 4) long, c (B, d_model) -> prototypes (B, N, d_model)."""
+        x = self.pos(positions) + c[:, None, :]  # (B, N, d)
+        return self.mamba(inputs_embeds=x).last_hidden_state
+
+    def denoise(self, u: torch.Tensor, t: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
+        """u (M, D), t (M,), p (M, d_model) -> eps (M, D)."""
+        return self.denoiser(u, t, p)
+
+    def num_params(self) -> int:
+        return sum(p.numel() for p in self.parameters())
