@@ -70,7 +70,7 @@ def drift_study(cfg: ChainConfig, task: str = "movie-sentiment", limit: int = 20
 def format_table(result: dict) -> str:
     rows = result["rows"]
     corpora = list(rows[0]["perplexity"])
-    head = (f"| version | trained on | steps | lr | " + " | ".join(f"ppl {c}" for c in corpora)
+    head = ("| version | trained on | steps | lr | " + " | ".join(f"ppl {c}" for c in corpora)
             + " | base acc | stale t0-LoRA acc | fresh LoRA acc |")
     lines = [head, "|" + "---|" * (head.count("|") - 1)]
     for r in rows:

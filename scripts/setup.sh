@@ -26,4 +26,6 @@ if command -v apt-get >/dev/null 2>&1 && [ "$(id -u)" = 0 ]; then
       || echo "warning: could not download the janeaustenr corpus" >&2
   fi
 fi
+# Read each installed corpus once into $ORAL_HOME/corpora (and show which are missing).
+oral evolve --list-corpora || true
 echo "setup done: . .venv/bin/activate"

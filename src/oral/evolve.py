@@ -344,16 +344,22 @@ def perplexity(
     max_tokens: int = 16384,
     batch_size: int = 8,
 ) -> float:
-    """exp(mean next-token NLL) over the first `max_tokens` tokens of `docs` (in order, EOS-joined)."""
+    """exp(mean next-token NLL) over the first `max_tokens` tokens of `docs` (in order, EOS-joined).
+
+    The stream is scored in blocks of `seq_len` tokens (the last one may be shorter).
+    """
     stream = token_stream(docs, tokenizer, seed=0, max_tokens=max_tokens)
-    n_blocks = len(stream) // seq_len
-    if n_blocks == 0:
-        raise EvolveError(f"need at least {seq_len} tokens for perplexity, got {len(stream)}")
-    blocks = stream[: n_blocks * seq_len].view(n_blocks, seq_len)  # (n_blocks, T)
+    if len(stream) < 2:
+        raise EvolveError(f"need at least 2 tokens for perplexity, got {len(stream)}")
+    n_full = len(stream) // seq_len
+    batches = [stream[: n_full * seq_len].view(n_full, seq_len)[i : i + batch_size]  # (B, T)
+               for i in range(0, n_full, batch_size)]
+    if len(stream) - n_full * seq_len >= 2:
+        batches.append(stream[n_full * seq_len :].unsqueeze(0))  # (1, T') the remainder
     device = next(model.parameters()).device
     total, count = 0.0, 0
-    for i in range(0, n_blocks, batch_size):
-        x = blocks[i : i + batch_size].to(device)  # (B, T)
+    for x in batches:
+        x = x.to(device)
         logits = model(input_ids=x).logits[:, :-1].float()  # (B, T-1, V)
         nll = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.size(-1)), x[:, 1:].reshape(-1),
                                                 reduction="sum")

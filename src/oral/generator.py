@@ -219,5 +219,25 @@ class LoraGenerator(nn.Module):
         """u (M, D), t (M,), p (M, d_model) -> eps (M, D)."""
         return self.denoiser(u, t, p)
 
+    def forward(
+        self,
+        positions: torch.Tensor,
+        c_model: torch.Tensor,
+        c_text: torch.Tensor,
+        drop_text: torch.Tensor,
+        token_index: torch.Tensor,
+        u: torch.Tensor,
+        t: torch.Tensor,
+    ) -> torch.Tensor:
+        """The training pass (one call, so DDP sees it): eps for a subset of each sample's tokens.
+
+        positions (B, N, 4), c_model (B, Cm), c_text (B, Ct), drop_text (B,) bool,
+        token_index (B, K) long, u (B*K, D) noisy tokens, t (B*K,) -> eps (B*K, D).
+        """
+        p = self.prototypes(positions, self.condition(c_model, c_text, drop_text))  # (B, N, d)
+        idx = token_index[..., None].expand(-1, -1, p.shape[-1])  # (B, K, d)
+        p = torch.gather(p, 1, idx).reshape(-1, p.shape[-1])  # (B*K, d)
+        return self.denoise(u, t, p)
+
     def num_params(self) -> int:
         return sum(p.numel() for p in self.parameters())

@@ -11,11 +11,12 @@ A run is one (base model version, task, rank, seed) with fixed training hyperpar
 `run_id` is a readable prefix plus a hash of everything that changes its weights, so the same
 grid always maps to the same run ids.
 
-The manifest is append-only JSONL written with `oral.io.append_jsonl` (an flock-ed, fsync-ed
-append of one line) rather than SQLite: the zoo is write-once (checkpoints are never edited),
-readers want to grep or `pandas.read_json(lines=True)` it, a torn last line from a killed writer
-is simply skipped by `oral.io.read_jsonl`, and many processes (one per GPU) append to it without
-a database lock or a server. Its size (a few thousand records) never needs an index.
+The manifest is append-only JSONL (`append_record`: an flock-ed, fsync-ed append of one line,
+under the same lock as `oral.io.append_jsonl`) rather than SQLite: the zoo is write-once
+(checkpoints are never edited), readers want to grep it or `pandas.read_json(lines=True)` it, a
+torn last line from a killed writer is skipped by `oral.io.read_jsonl`, and many processes (one
+per GPU) append to it with no database lock to contend for (SQLite's locking is also unreliable
+on the network filesystems clusters use). A few thousand records never need an index.
 
 Safety and resumption:
 - every checkpoint is written into an `oral.io.atomic_dir` (a temporary sibling renamed into
@@ -58,12 +59,13 @@ from typing import Any, Iterator
 import torch
 from tqdm.auto import tqdm
 
-from oral.io import append_jsonl, atomic_dir, read_jsonl
+from oral.io import atomic_dir, file_lock, read_jsonl
 from oral.paths import oral_home
 
 log = logging.getLogger(__name__)
 
 MANIFEST = "manifest.jsonl"
+LOG_EVERY = 10  # steps between log lines (the progress bar shows every step on a terminal)
 
 
 class ZooError(ValueError):
@@ -91,6 +93,7 @@ class TrainConfig:
     targets: list[str] = field(default_factory=lambda: ["q_proj", "v_proj"])  # module names
     dropout: float = 0.0  # LoRA dropout (0 keeps the run a pure function of the seed)
     max_length: int = 256  # tokens per example; long prompts are cut from the left
+    generation_stop: str = "\n"  # appended to generation targets: the evaluator stops at a newline
     eval_limit: int | None = 200  # validation examples scored for the final checkpoint
     eval_checkpoints: bool = False  # also score every kept checkpoint (costs an eval each)
     eval_base: bool = True  # score the base model too (cached per base and task)
@@ -122,10 +125,14 @@ class TrainConfig:
 class GridBlock:
     """One product of the grid: every base x task x rank x seed."""
 
-    bases: list[str] = field(default_factory=lambda: ["tiny-llama"])  # names, dirs or hub ids
-    tasks: list[str] = field(default_factory=list)  # names, task YAML files, or "all"
+    bases: list[str] = field(default_factory=list)  # names, dirs or hub ids
+    tasks: list[str] = field(default_factory=list)  # names, task YAML files, "all" or "classification"
     ranks: list[int] = field(default_factory=lambda: [4])
     seeds: list[int] = field(default_factory=lambda: [0])
+    # An evolved family as bases: the versions t_k (0 = the chain's base) of the family that
+    # `oral evolve --chain --config CHAIN` builds (its cached dirs under $ORAL_HOME/evolved).
+    chain: str | None = None  # a ChainConfig YAML, or "default" for ChainConfig's defaults
+    versions: list[int] = field(default_factory=list)
 
 
 @dataclass
@@ -169,15 +176,48 @@ def _expand_tasks(names: list[str]) -> list[str]:
     return list(dict.fromkeys(out))
 
 
+def chain_versions(chain: str) -> list[str]:
+    """The model dirs [t0, t1, ...] of the family a chain config describes (as oral.evolve caches them).
+
+    Nothing is trained here: a version that is missing is an error naming the command that builds it.
+    """
+    from oral import evolve as ev
+    from oral.config import load_config
+
+    cfg = load_config(ev.ChainConfig, None if chain == "default" else expand_path(chain))
+    versions = [cfg.base]
+    for link in cfg.links():
+        link.base = str(versions[-1])
+        versions.append(str(ev.default_out(link, cfg.root)))
+    return versions
+
+
+def _block_bases(block: GridBlock) -> list[str]:
+    bases = [expand_path(b) for b in block.bases]
+    if block.chain is None:
+        if block.versions:
+            raise ZooError("versions needs chain: the evolve chain config whose versions to use")
+        return bases
+    family = chain_versions(block.chain)
+    for k in block.versions or range(len(family)):
+        if not 0 <= k < len(family):
+            raise ZooError(f"version t{k} is not in the chain {block.chain} (t0..t{len(family) - 1})")
+        if k > 0 and not (Path(family[k]) / "config.json").is_file():
+            cmd = "oral evolve --chain" + ("" if block.chain == "default" else f" --config {block.chain}")
+            raise ZooError(f"evolved version t{k} ({family[k]}) does not exist yet; build the family first: {cmd}")
+        bases.append(family[k])
+    return bases
+
+
 def grid_runs(cfg: ZooConfig) -> list[RunSpec]:
     """Every run of the grid, de-duplicated, in a fixed order (the order sharding relies on)."""
     runs: list[RunSpec] = []
     for block in cfg.grid:
-        for base in block.bases:
+        for base in _block_bases(block):
             for task in _expand_tasks(block.tasks):
                 for rank in block.ranks:
                     for seed in block.seeds:
-                        runs.append(RunSpec(expand_path(base), task, int(rank), int(seed)))
+                        runs.append(RunSpec(base, task, int(rank), int(seed)))
     if not runs:
         raise ZooError("the grid is empty: give at least one block with bases and tasks")
     return list(dict.fromkeys(runs))
@@ -289,6 +329,24 @@ class Zoo:
         return rows
 
 
+def append_record(manifest: Path, record: dict) -> None:
+    """Append one JSON line under the manifest's lock (the one oral.io.append_jsonl takes), fsynced.
+
+    A writer killed mid-line leaves a torn last line without its newline; it is ended first, so
+    the torn line stays one unreadable line (skipped by read_jsonl) instead of swallowing this one.
+    """
+    line = (json.dumps(record, sort_keys=True) + "\n").encode("utf-8")
+    with file_lock(manifest.with_name(manifest.name + ".lock")):
+        with open(manifest, "a+b") as f:
+            if f.tell() > 0:
+                f.seek(-1, os.SEEK_END)
+                if f.read(1) != b"\n":
+                    line = b"\n" + line
+            f.write(line)
+            f.flush()
+            os.fsync(f.fileno())
+
+
 @contextlib.contextmanager
 def _try_lock(path: Path) -> Iterator[bool]:
     """Yield True holding an exclusive flock on `path`, or False if another process holds it."""
@@ -322,18 +380,17 @@ def _clean_run_dir(zoo: Zoo, run_id: str, recorded_steps: set[int]) -> None:
 
 
 def encode_example(tok, prompt: str, target: str, max_length: int) -> tuple[list[int], int]:
-    """Token ids of prompt + target and the number of target tokens (the prompt is cut from the left).
+    """Token ids of prompt + target and the number of target tokens.
 
-    The target is tokenized on its own (no special tokens) so the supervised tokens are exactly
-    the answer's tokens, whatever the tokenizer would merge across the boundary.
+    Tokenized exactly as the evaluator scores (oral.evaluate.encode_pair: the prompt with special
+    tokens, cut from the left to fit; the target on its own), so the supervised tokens are the
+    answer's tokens whatever the tokenizer would merge across the boundary.
     """
-    p = tok(prompt, add_special_tokens=True).input_ids
-    t = tok(target, add_special_tokens=False).input_ids
+    from oral.evaluate import encode_pair
+
+    p, t = encode_pair(tok, prompt, target, max_length)
     if not t:
         raise ZooError(f"target {target!r} has no tokens: a task example needs a non-empty answer")
-    if len(t) >= max_length:
-        raise ZooError(f"target of {len(t)} tokens does not fit max_length={max_length}; raise max_length")
-    p = p[-(max_length - len(t)):]
     return p + t, len(t)
 
 
@@ -460,7 +517,7 @@ def _evaluate(model, tok, task, train: TrainConfig) -> dict:
 
     model.eval()
     with torch.no_grad():
-        res = Evaluator(model, tok, batch_size=train.eval_batch_size).evaluate(
+        res = Evaluator(model, tok, batch_size=train.eval_batch_size, progress=False).evaluate(
             task, split="validation", limit=train.eval_limit
         )
     return {"metric": res["metric"], "value": float(res["value"]), "n": int(res["n"])}
@@ -501,7 +558,8 @@ def _run(base: _Base, task, task_key: str, rank: int, seed: int, train: TrainCon
         examples = task.split("train")
         if not examples:
             raise ZooError(f"task {task.name!r} has an empty train split")
-        encoded = [encode_example(base.tok, e.prompt, e.target, train.max_length) for e in examples]
+        stop = train.generation_stop if task.kind == "generation" else ""
+        encoded = [encode_example(base.tok, e.prompt, e.target + stop, train.max_length) for e in examples]
         pad_id = base.tok.pad_token_id if base.tok.pad_token_id is not None else 0
 
         base.model.to(device)
@@ -540,6 +598,9 @@ def _run(base: _Base, task, task_key: str, rank: int, seed: int, train: TrainCon
                 loss.backward()
                 opt.step()
                 bar.set_postfix(loss=f"{loss.item():.3f}")
+                if step % LOG_EVERY == 0 or step == train.steps:
+                    log.info("%s step %d/%d loss %.4f lr %.2e %.2f s/step", run_id, step, train.steps,
+                             loss.item(), lr_at(step, train), (time.time() - t0) / step)
 
                 # 3) keep the checkpoint: atomic dir first, manifest record second
                 if step not in save_steps:
@@ -559,7 +620,7 @@ def _run(base: _Base, task, task_key: str, rank: int, seed: int, train: TrainCon
                 if is_final:
                     record["base_val_metric"] = base_val
                     record["wall_s"] = round(time.time() - t0, 2)
-                append_jsonl(zoo.manifest, record)
+                append_record(zoo.manifest, record)
             bar.close()
         finally:
             # 4) hand the base back clean (LoRA layers removed) for the next run of the grid

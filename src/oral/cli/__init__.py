@@ -13,6 +13,8 @@ COMMANDS = [
     "zoo",
     "tasks",
     "eval",
+    "train",
+    "generate",
 ]
 
 

@@ -133,7 +133,12 @@ class Task:
         # 1. deduplicate; a text seen with two different answers is ambiguous: drop it everywhere.
         by_key: dict[str, dict] = {}
         conflicted: set[str] = set()
-        for r in records:
+        for i, r in enumerate(records):
+            if self.key_field not in r:
+                raise TaskError(
+                    f"task {self.name!r}: record {i} has no field {self.key_field!r} (fields: {sorted(r)}); "
+                    "fix the data or the template"
+                )
             k = _norm_key(str(r[self.key_field]))
             if not k:
                 continue
@@ -152,8 +157,8 @@ class Task:
         # 2. a fixed shuffle, then test, validation, train in that order.
         random.Random(_stable_seed(self.name, self.seed)).shuffle(keys)
         n_test, n_val = self.sizes.test, self.sizes.validation
-        if len(keys) < n_test + n_val + 1:
-            # Small user data: keep the proportions instead of the absolute sizes.
+        if len(keys) - n_test - n_val < min(self.sizes.train, len(keys) // 2):
+            # Too little data for these sizes to leave half for training: 20% test, 10% validation.
             n_test = max(1, len(keys) // 5)
             n_val = max(1, len(keys) // 10) if len(keys) >= 3 else 0
         parts = {

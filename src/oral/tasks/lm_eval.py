@@ -40,14 +40,14 @@ def task_yaml(task: Task, data_dir: Path) -> dict:
     if task.kind == "classification":
         cfg.update({
             "output_type": "multiple_choice",
-            "doc_to_target": "{{label}}",
+            "doc_to_target": "label",  # a column name: the index into doc_to_choice
             "doc_to_choice": list(task.labels),
             "metric_list": [{"metric": "acc", "aggregation": "mean", "higher_is_better": True}],
         })
     else:
         cfg.update({
             "output_type": "generate_until",
-            "doc_to_target": "{{answer}}",
+            "doc_to_target": "answer",
             "generation_kwargs": {"until": ["\n"], "do_sample": False, "max_gen_toks": task.max_new_tokens},
             "filter_list": [{"name": "strip", "filter": [{"function": "remove_whitespace"}, {"function": "take_first"}]}],
             "metric_list": [{"metric": "exact_match", "aggregation": "mean", "higher_is_better": True,

@@ -1,0 +1,42 @@
+"""oral generate: write new PEFT LoRA adapter dirs for a base model from a prompt."""
+
+
+def add_parser(sub) -> None:
+    p = sub.add_parser(
+        "generate",
+        help="generate LoRA adapters for a base model from a task description",
+        description=(
+            "oral generate --generator GEN --base B --prompt '...' --out DIR [--seed S] [--steps K] "
+            "[--guidance G] [--num N]. With --num 1 DIR is the adapter dir; with N > 1 the adapters "
+            "go to DIR/seed-<s> for seeds S .. S+N-1. Each loads with plain PeftModel.from_pretrained."
+        ),
+    )
+    p.add_argument("--generator", required=True, help="trained generator directory (from oral train)")
+    p.add_argument("--base", required=True, help="base model: embedded name, local HF dir or hub id")
+    p.add_argument("--prompt", required=True, help="what the adapter should do, in words")
+    p.add_argument("--out", required=True, help="output adapter dir")
+    p.add_argument("--seed", type=int, default=0, help="sampling seed (default 0)")
+    p.add_argument("--steps", type=int, default=60, help="denoising steps (default 60)")
+    p.add_argument("--guidance", type=float, default=1.0, help="classifier-free guidance scale (1 = off)")
+    p.add_argument("--sampler", choices=["ddim", "ddpm"], default="ddim")
+    p.add_argument("--num", type=int, default=1, help="adapters to write (seeds S, S+1, ...)")
+    p.add_argument("--rank", type=int, help="LoRA rank, when the generator learned several for this base")
+    p.add_argument("--device", default="auto", help="cpu, cuda, or auto")
+    p.add_argument("--overwrite", action="store_true", help="replace existing output dirs")
+    p.set_defaults(func=run)
+
+
+def run(args) -> int:
+    import time
+
+    from oral.generate import Generator, generate_adapters
+
+    gen = Generator.from_pretrained(args.generator, device=args.device)
+    t0 = time.time()
+    paths = generate_adapters(gen, args.base, args.prompt, args.out, seed=args.seed, num=args.num, steps=args.steps,
+                              guidance=args.guidance, sampler=args.sampler, rank=args.rank, overwrite=args.overwrite)
+    dt = time.time() - t0
+    for p in paths:
+        print(p)
+    print(f"{len(paths)} adapter(s) in {dt:.1f} s ({dt / len(paths):.1f} s each)")
+    return 0

@@ -1,0 +1,229 @@
+"""Generation: (base, prompt) -> a new PEFT LoRA adapter, with no gradient step on the base.
+
+    gen = Generator.from_pretrained("GEN")
+    spec, state = gen.generate("smollm2-135m", "classify the sentiment of movie reviews", seed=0)
+
+Steps: 1) find the LoRA layout the generator learned for this base's architecture (a base it was
+not trained for is an error, not garbage); 2) encode c_model (metadata string + weight
+fingerprint) and c_text (the prompt); 3) prototypes from the Mamba stack; 4) DDIM (or DDPM)
+sampling of every weight token, with classifier-free guidance when guidance != 1; 5) decode the
+tokens into a state dict; 6) validate and write it as a plain PEFT adapter dir with provenance.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import logging
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file
+
+from oral.conditions import ConditionConfig, ConditionEncoder
+from oral.diffusion import Diffusion, DiffusionConfig
+from oral.generator import GeneratorConfig, LoraGenerator
+from oral.train import CONDITIONS_NAME, CONFIG_NAME, FORMAT, WEIGHTS_NAME, resolve_device
+
+log = logging.getLogger(__name__)
+
+
+class GenerationError(ValueError):
+    """A generator or a request it cannot serve (unknown layout, bad files, ...)."""
+
+
+class Generator:
+    """A trained generator: network (EMA weights), tokenizers per layout, condition encoder."""
+
+    def __init__(self, path: Path, config: dict, net: LoraGenerator, tokenizers: list, c_model: dict, device: torch.device):
+        self.path = path
+        self.config = config
+        self.net = net.eval()
+        self.tokenizers = tokenizers
+        self.c_model_cache = c_model  # (group, base id) -> (Cm,)
+        self.device = device
+        cond = config["conditions"]
+        self.conditions = ConditionEncoder(ConditionConfig(**{k: cond[k] for k in ConditionConfig.__dataclass_fields__}))
+        self.diffusion = Diffusion(DiffusionConfig(**config["train"]["diffusion"]))
+
+    def __repr__(self) -> str:
+        return (f"Generator({self.path}, step {self.config['step']}, {self.net.num_params():,} params, "
+                f"{len(self.tokenizers)} layout(s), tasks {list(self.config['conditions']['tasks'])})")
+
+    @classmethod
+    def from_pretrained(cls, path: str | Path, device: str = "auto") -> "Generator":
+        """Load GEN/config.json, GEN/model.safetensors, GEN/conditions.safetensors, GEN/tokenizers/."""
+        from oral.tokens import WeightTokenizer
+
+        path = Path(path)
+        if not (path / CONFIG_NAME).exists() or not (path / WEIGHTS_NAME).exists():
+            raise GenerationError(f"{path} is not a trained generator ({CONFIG_NAME} or {WEIGHTS_NAME} missing); "
+                                  f"train one with `oral train --zoo ZOO --out {path}`")
+        config = json.loads((path / CONFIG_NAME).read_text())
+        if config.get("format") != FORMAT:
+            raise GenerationError(f"{path / CONFIG_NAME} is not an oral generator config (format {config.get('format')!r})")
+        dev = resolve_device(device)
+        net = LoraGenerator(GeneratorConfig(**config["generator"]))
+        net.load_state_dict(load_file(str(path / WEIGHTS_NAME)))
+        net.to(dev)
+        tokenizers = [WeightTokenizer.load(path / g["tokenizer"]) for g in config["groups"]]
+        bases = [b["id"] for b in config["conditions"]["bases"]]
+        c_model = {}
+        for key, v in load_file(str(path / CONDITIONS_NAME)).items():
+            _, gi, bi = key.split(".")
+            c_model[(int(gi), bases[int(bi)])] = v
+        return cls(path, config, net, tokenizers, c_model, dev)
+
+    # --- layouts ---------------------------------------------------------------
+
+    def layout_for(self, base: str, rank: int | None = None) -> int:
+        """The index of the learned LoRA layout that fits `base` (and `rank`, if given)."""
+        from oral.conditions import model_metadata
+        from oral.lora import AdapterError, LoraSpec, with_base
+        from oral.models import load_base_config
+
+        config = load_base_config(base)
+        fits = []
+        for gi, tok in enumerate(self.tokenizers):
+            spec = tok.spec
+            lc = spec.lora_config()
+            try:
+                cand = LoraSpec.from_base_config(config, spec.target_modules or lc.target_modules, lc.r, lc.lora_alpha,
+                                                 rank_pattern=lc.rank_pattern, alpha_pattern=lc.alpha_pattern,
+                                                 use_rslora=spec.use_rslora)
+            except AdapterError:
+                continue
+            if with_base(cand, None) == with_base(spec, None) and (rank is None or {m.rank for m in spec.modules} == {rank}):
+                fits.append(gi)
+        if not fits:
+            trained = "; ".join(f"{g['bases']}: {LoraSpec.from_dict(g['spec']).summary()}" for g in self.config["groups"])
+            raise GenerationError(
+                f"this generator was not trained for base {base!r} ({model_metadata(config)})"
+                + (f" at rank {rank}" if rank is not None else "")
+                + f"; it knows these layouts: {trained}. Train a generator on a zoo of this architecture "
+                  f"(`oral zoo --base {base} ...`, then `oral train`)"
+            )
+        if len(fits) > 1:
+            ranks = sorted({self.tokenizers[gi].spec.modules[0].rank for gi in fits})
+            raise GenerationError(f"base {base!r} fits {len(fits)} learned layouts (ranks {ranks}); pick one with rank=")
+        return fits[0]
+
+    def model_condition(self, base: str, group: int, base_model: torch.nn.Module | None = None) -> torch.Tensor:
+        """c_model for `base`: cached for a base seen in training, else computed (loads its weights
+        when the fingerprint is on)."""
+        from oral.models import base_id, load_base, load_base_config
+
+        key = (group, base_id(base))
+        if key in self.c_model_cache:
+            return self.c_model_cache[key]
+        names = [m.name for m in self.tokenizers[group].spec.modules]
+        if self.conditions.config.fingerprint and base_model is None:
+            base_model = load_base(base)[0]
+        config = base_model.config if base_model is not None else load_base_config(base)
+        c = self.conditions.model_condition(config, base_model, names)
+        self.c_model_cache[key] = c
+        return c
+
+    # --- sampling --------------------------------------------------------------
+
+    @torch.no_grad()
+    def sample_tokens(self, group: int, c_model: torch.Tensor, prompt: str, seed: int = 0, steps: int = 60,
+                      guidance: float = 1.0, sampler: str = "ddim", eta: float = 0.0) -> torch.Tensor:
+        """Weight tokens (N, D) for one prompt; deterministic given the seed."""
+        tok = self.tokenizers[group]
+        dev = self.device
+        positions = tok.positions.to(dev)[None]  # (1, N, 4)
+        cm = c_model.to(dev)[None]  # (1, Cm)
+        ct = self.conditions.text_condition([prompt]).to(dev)  # (1, Ct)
+        keep = torch.tensor([False], device=dev)
+        p_cond = self.net.prototypes(positions, self.net.condition(cm, ct, keep))[0]  # (N, d)
+        if guidance == 1.0:
+            def eps_fn(x, t):
+                return self.net.denoise(x, t, p_cond)
+        else:
+            p_null = self.net.prototypes(positions, self.net.condition(cm, ct, ~keep))[0]  # (N, d)
+            p_both = torch.cat([p_null, p_cond])  # (2N, d)
+
+            def eps_fn(x, t):
+                e_null, e_cond = self.net.denoise(torch.cat([x, x]), torch.cat([t, t]), p_both).chunk(2)
+                return e_null + guidance * (e_cond - e_null)
+
+        g = torch.Generator().manual_seed(int(seed))
+        x = self.diffusion.sample(eps_fn, (tok.num_tokens, tok.token_size), steps=steps, sampler=sampler,
+                                  eta=eta, generator=g, device=dev)
+        return x.cpu() * tok.mask  # padding back to 0
+
+    def generate(self, base: str, prompt: str, seed: int = 0, steps: int = 60, guidance: float = 1.0,
+                 sampler: str = "ddim", eta: float = 0.0, rank: int | None = None,
+                 base_model: torch.nn.Module | None = None) -> tuple:
+        """(base, prompt) -> (spec, state): a LoRA adapter for `base` as a PEFT-keyed state dict.
+
+        base: an embedded name, local dir or hub id (its architecture must be one the generator
+        learned). base_model: the loaded base, to skip loading it for the fingerprint.
+        """
+        from oral.lora import validate_adapter, with_base
+        from oral.models import base_id
+
+        if not prompt or not prompt.strip():
+            raise GenerationError("the prompt is empty: describe the task the adapter should do")
+        gi = self.layout_for(base, rank)
+        c_model = self.model_condition(base, gi, base_model)
+        tokens = self.sample_tokens(gi, c_model, prompt, seed, steps, guidance, sampler, eta)
+        tok = self.tokenizers[gi]
+        state = tok.decode(tokens)
+        spec = with_base(tok.spec, base_id(base))
+        validate_adapter(spec, state, base_model)
+        return spec, state
+
+    def provenance(self, base: str, prompt: str, seed: int, steps: int, guidance: float, sampler: str, eta: float) -> dict:
+        from oral.models import base_id
+
+        return {
+            "source": "oral generate",
+            "generator": str(self.path.resolve()),
+            "generator_step": self.config["step"],
+            "zoo_manifest_sha256": [z["manifest_sha256"] for z in self.config["zoos"]],
+            "base": base_id(base),
+            "prompt": prompt,
+            "seed": seed,
+            "steps": steps,
+            "guidance": guidance,
+            "sampler": sampler,
+            "eta": eta,
+            "gauge": self.config["gauge"],
+            "created": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+        }
+
+
+def generate_adapters(
+    generator: str | Path | Generator,
+    base: str,
+    prompt: str,
+    out: str | Path,
+    seed: int = 0,
+    num: int = 1,
+    steps: int = 60,
+    guidance: float = 1.0,
+    sampler: str = "ddim",
+    eta: float = 0.0,
+    rank: int | None = None,
+    overwrite: bool = False,
+    device: str = "auto",
+) -> list[Path]:
+    """Write `num` validated PEFT adapter dirs: OUT itself for num=1, else OUT/seed-<s> for seeds
+    seed, seed+1, ... Each dir records its provenance (generator, prompt, seed, zoo manifest hash)."""
+    from oral.lora import save_adapter
+
+    if num < 1:
+        raise GenerationError(f"num must be >= 1, got {num}")
+    gen = generator if isinstance(generator, Generator) else Generator.from_pretrained(generator, device=device)
+    out = Path(out)
+    written = []
+    for i in range(num):
+        s = seed + i
+        spec, state = gen.generate(base, prompt, seed=s, steps=steps, guidance=guidance, sampler=sampler, eta=eta, rank=rank)
+        path = out if num == 1 else out / f"seed-{s}"
+        save_adapter(path, spec, state, provenance=gen.provenance(base, prompt, s, steps, guidance, sampler, eta),
+                     overwrite=overwrite)
+        written.append(path)
+    return written

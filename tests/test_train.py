@@ -1,0 +1,169 @@
+"""The generator end to end on tiny-llama: a tiny zoo (2 tasks), a short training, generation."""
+
+import json
+import warnings
+from pathlib import Path
+
+import pytest
+import torch
+
+TASKS = ("sms-spam", "movie-sentiment")
+GEN_OVERRIDES = ["preset=tiny", "steps=200", "batch_size=8", "lr=3e-3", "warmup_steps=20", "save_every=100",
+                 "log_every=10", "device=cpu", "seed=0"]
+
+
+@pytest.fixture(scope="module")
+def zoo(tmp_path_factory) -> Path:
+    """2 tasks x 1 seed on tiny-llama, the last 4 checkpoints of each 20-step run."""
+    from oral.zoo import train_lora
+
+    root = tmp_path_factory.mktemp("zoo")
+    for task in TASKS:
+        train_lora("tiny-llama", task, rank=4, steps=20, keep=4, save_every=2, out_dir=root, seed=0,
+                   lr=2e-2, warmup_steps=2, eval_limit=8, eval_base=False)
+    return root
+
+
+@pytest.fixture(scope="module")
+def gen_dir(zoo, tmp_path_factory) -> Path:
+    from oral.config import load_config
+    from oral.train import TrainConfig, train_generator
+
+    out = tmp_path_factory.mktemp("gen") / "gen"
+    return train_generator([zoo], out, load_config(TrainConfig, None, GEN_OVERRIDES))
+
+
+@pytest.fixture(scope="module")
+def generator(gen_dir):
+    from oral.generate import Generator
+
+    return Generator.from_pretrained(gen_dir, device="cpu")
+
+
+@pytest.fixture(scope="module")
+def evaluator(tiny):
+    from oral.evaluate import Evaluator
+
+    model, tok = tiny
+    return Evaluator(model, tok, batch_size=32, progress=False)
+
+
+def test_training_loss_falls(gen_dir):
+    from oral.train import read_loss_log
+
+    rows = read_loss_log(gen_dir)
+    assert rows[-1]["step"] == 200
+    first = sum(r["loss"] for r in rows[:3]) / 3
+    last = sum(r["loss"] for r in rows[-3:]) / 3
+    assert last < 0.5 * first, (first, last)
+    assert (gen_dir / "loss.png").stat().st_size > 1000
+
+
+def test_checkpoints_are_safetensors_and_json_only_and_record_zoo_and_conditions(gen_dir, zoo):
+    from oral.train import manifest_sha256
+
+    files = [p for p in gen_dir.rglob("*") if p.is_file()]
+    assert files and all(p.suffix in (".safetensors", ".json", ".csv", ".png") for p in files), files
+    assert [p.name for p in (gen_dir / "checkpoints").iterdir()] and all(
+        p.name.isdigit() for p in (gen_dir / "checkpoints").iterdir())
+    cfg = json.loads((gen_dir / "config.json").read_text())
+    assert cfg["zoos"][0]["manifest_sha256"] == manifest_sha256(zoo)
+    assert set(cfg["conditions"]["tasks"]) == set(TASKS)
+    assert cfg["conditions"]["bases"][0]["id"] == "tiny-llama"
+    from oral.tasks import get_task
+
+    for t in TASKS:  # training descriptions only; held-out ones never reach the generator
+        assert cfg["conditions"]["tasks"][t]["descriptions"] == get_task(t).descriptions
+        assert not set(get_task(t).heldout_descriptions) & set(cfg["conditions"]["tasks"][t]["descriptions"])
+
+
+def test_generated_adapter_lowers_the_task_loss_like_the_zoo_adapters(generator, evaluator, zoo, tiny):
+    from oral.lora import load_adapter
+    from oral.tasks import get_task
+    from oral.zoo import Zoo
+
+    for name in TASKS:
+        task = get_task(name)
+        evaluator.set_adapter(None)
+        base = evaluator.task_loss(task, "validation", limit=32)
+        final = next(r for r in Zoo(zoo).records(task=name) if r.get("final"))
+        spec, state = load_adapter(Zoo(zoo).path(final))
+        evaluator.set_adapter(state, spec)
+        trained = evaluator.task_loss(task, "validation", limit=32)
+        spec, state = generator.generate("tiny-llama", task.heldout_descriptions[0], seed=0, base_model=tiny[0])
+        evaluator.set_adapter(state, spec)
+        generated = evaluator.task_loss(task, "validation", limit=32)
+        assert trained < base - 0.2, (name, base, trained)  # the zoo itself learned something
+        # the generated adapter recovers at least half of the trained adapter's gain
+        assert generated < base - 0.5 * (base - trained), (name, base, trained, generated)
+
+
+def test_two_task_prompts_give_different_adapters_and_same_seed_the_same(generator):
+    from oral.tasks import get_task
+
+    a = get_task(TASKS[0]).heldout_descriptions[0]
+    b = get_task(TASKS[1]).heldout_descriptions[0]
+    _, s1 = generator.generate("tiny-llama", a, seed=3)
+    _, s2 = generator.generate("tiny-llama", a, seed=3)
+    _, s3 = generator.generate("tiny-llama", b, seed=3)
+    assert all(torch.equal(s1[k], s2[k]) for k in s1)
+    diff = torch.cat([(s1[k] - s3[k]).flatten() for k in s1]).norm()
+    size = torch.cat([s1[k].flatten() for k in s1]).norm()
+    assert diff > 0.2 * size, (diff, size)
+
+
+def test_resumed_training_matches_an_uninterrupted_run(zoo, tmp_path):
+    from oral.config import load_config
+    from oral.train import TrainConfig, read_loss_log, train_generator
+
+    cfg = load_config(TrainConfig, None, ["preset=tiny", "steps=20", "log_every=2", "save_every=5", "device=cpu",
+                                          "warmup_steps=4"])
+    train_generator([zoo], tmp_path / "a", cfg)
+    train_generator([zoo], tmp_path / "b", cfg, stop_at=10)  # interrupted after step 10
+    assert read_loss_log(tmp_path / "b")[-1]["step"] == 10
+    train_generator([zoo], tmp_path / "b", cfg)  # the same call again resumes
+    a, b = read_loss_log(tmp_path / "a"), read_loss_log(tmp_path / "b")
+    assert [r["step"] for r in a] == [r["step"] for r in b]
+    for ra, rb in zip(a, b):
+        assert abs(ra["loss"] - rb["loss"]) <= 1e-4 * max(1.0, abs(ra["loss"])), (ra, rb)
+
+
+def test_resume_with_another_setup_is_refused(zoo, tmp_path):
+    from oral.config import load_config
+    from oral.train import TrainConfig, TrainError, train_generator
+
+    base = ["preset=tiny", "steps=4", "save_every=2", "device=cpu"]
+    train_generator([zoo], tmp_path / "g", load_config(TrainConfig, None, base))
+    with pytest.raises(TrainError, match="different training setup"):
+        train_generator([zoo], tmp_path / "g", load_config(TrainConfig, None, base + ["lr=0.5"]))
+
+
+def test_cli_writes_peft_loadable_adapters_with_provenance(gen_dir, tmp_path, tiny):
+    from peft import PeftModel
+
+    from oral.cli import main
+    from oral.lora import read_provenance
+    from oral.models import load_base
+
+    out = tmp_path / "adapters"
+    assert main(["generate", "--generator", str(gen_dir), "--base", "tiny-llama", "--prompt",
+                 "flag junk text messages", "--out", str(out), "--num", "2", "--seed", "5",
+                 "--steps", "20", "--device", "cpu"]) == 0
+    assert sorted(p.name for p in out.iterdir()) == ["seed-5", "seed-6"]
+    prov = read_provenance(out / "seed-6")
+    assert prov["seed"] == 6 and prov["prompt"] == "flag junk text messages" and prov["zoo_manifest_sha256"]
+    model, _ = load_base("tiny-llama")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        peft = PeftModel.from_pretrained(model, str(out / "seed-5"))
+    assert any("lora_B" in n for n, _ in peft.named_parameters())
+
+
+def test_cli_refuses_a_base_of_another_architecture(gen_dir, tmp_path, capsys):
+    from oral.cli import main
+
+    rc = main(["generate", "--generator", str(gen_dir), "--base", "smollm2-135m", "--prompt", "x y",
+               "--out", str(tmp_path / "a"), "--device", "cpu"])
+    assert rc == 2
+    assert "not trained for base 'smollm2-135m'" in capsys.readouterr().err
+    assert not (tmp_path / "a").exists()

@@ -1,0 +1,350 @@
+"""The LoRA zoo: training on target tokens, checkpoints PEFT loads, a manifest that survives kills."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from oral.config import load_config
+from oral.io import read_jsonl
+from oral.zoo import (
+    GridBlock, TrainConfig, Zoo, ZooConfig, ZooError, batch_indices, collate, encode_example,
+    grid_runs, lr_at, run_id_for, shard, target_loss, train_lora,
+)
+
+REPO = Path(__file__).resolve().parents[1]
+COLORS = ["red", "blue", "green", "yellow", "purple", "orange", "pink", "brown"]
+ANIMALS = ["cat", "dog", "horse", "mouse", "eagle", "shark", "tiger", "sheep"]
+
+
+def write_task(tmp: Path, name: str = "color-or-animal") -> Path:
+    """A small user task (JSONL + YAML): is the word in the sentence a color or an animal?"""
+    rows = []
+    for i in range(160):
+        word = (COLORS if i % 2 == 0 else ANIMALS)[(i // 2) % 8]
+        rows.append({"text": f"item {i} is about the {word}", "label": "color" if i % 2 == 0 else "animal"})
+    (tmp / f"{name}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    spec = {
+        "name": name, "kind": "classification", "data": f"{name}.jsonl",
+        "template": "Text: {text}\nColor or animal:", "labels": ["color", "animal"],
+        "descriptions": ["Say whether a sentence is about a color or an animal."],
+        "heldout_descriptions": ["Color versus animal."],
+        "splits": {"test": 20, "validation": 20, "train": 120},
+    }
+    path = tmp / f"{name}.yaml"
+    path.write_text(yaml.safe_dump(spec))
+    return path
+
+
+FAST = dict(lr=2e-2, batch_size=4, eval_limit=8, eval_base=False, warmup_steps=2)
+
+
+@pytest.fixture()
+def task_file(tmp_path: Path) -> Path:
+    return write_task(tmp_path)
+
+
+# -----------------------------------------------------------------------------
+# Pieces
+
+
+def test_save_steps_are_the_last_keep_saves_ending_at_the_final_step():
+    assert TrainConfig(steps=100, keep=3).save_steps() == [98, 99, 100]
+    assert TrainConfig(steps=100, keep=3, save_every=10).save_steps() == [80, 90, 100]
+    assert TrainConfig(steps=5, keep=10).save_steps() == [1, 2, 3, 4, 5]
+    with pytest.raises(ZooError, match="keep"):
+        TrainConfig(keep=0)
+
+
+def test_batch_indices_cover_every_example_once_per_epoch_and_follow_the_seed():
+    n, bs = 10, 4
+    first_epoch = [i for step in range(1, 3) for i in batch_indices(n, bs, step, seed=0)][:n]
+    # steps 1-2 give 8 indices, step 3 the last 2 of epoch 0 then 2 of epoch 1
+    epoch0 = first_epoch[:8] + batch_indices(n, bs, 3, seed=0)[:2]
+    assert sorted(epoch0) == list(range(n))
+    assert batch_indices(n, bs, 7, seed=1) == batch_indices(n, bs, 7, seed=1)
+    assert batch_indices(n, bs, 1, seed=0) != batch_indices(n, bs, 1, seed=1)
+
+
+def test_shard_gives_every_run_to_exactly_one_process():
+    items = list(range(11))
+    for world in (1, 2, 3, 8, 16):
+        parts = [shard(items, r, world) for r in range(world)]
+        assert sorted(x for p in parts for x in p) == items
+        assert max(map(len, parts)) - min(map(len, parts)) <= 1
+    with pytest.raises(ZooError):
+        shard(items, 2, 2)
+
+
+def test_lr_schedule_warms_up_then_decays_to_min_ratio():
+    cfg = TrainConfig(steps=50, lr=1e-3, warmup_steps=10, min_lr_ratio=0.1)
+    assert lr_at(1, cfg) == pytest.approx(1e-4)
+    assert lr_at(10, cfg) == pytest.approx(1e-3)
+    assert lr_at(50, cfg) == pytest.approx(1e-4)
+    assert lr_at(30, cfg) < lr_at(20, cfg)
+    assert lr_at(30, TrainConfig(steps=50, lr=1e-3, schedule="constant")) == pytest.approx(1e-3)
+
+
+def test_loss_mask_marks_exactly_the_target_tokens(tiny):
+    _, tok = tiny
+    a = encode_example(tok, "Review: fine\nSentiment:", " positive", 64)
+    b = encode_example(tok, "Q: what?\nA:", " a long answer here", 64)
+    batch = collate([a, b], pad_id=0)
+    for row, (ids, n_target) in enumerate([a, b]):
+        marked = batch["input_ids"][row][batch["loss_mask"][row]].tolist()
+        assert marked == ids[-n_target:]
+    assert batch["loss_mask"].sum() == a[1] + b[1]
+    assert batch["attention_mask"][0].sum() == len(a[0])
+
+
+def test_target_loss_equals_the_library_loss_with_prompt_labels_ignored(tiny):
+    model, tok = tiny
+    encoded = [encode_example(tok, f"Text: example {i} of length {'x ' * i}\nLabel:", " yes", 64) for i in range(4)]
+    batch = collate(encoded, pad_id=tok.pad_token_id)
+    labels = batch["input_ids"].masked_fill(~batch["loss_mask"], -100)
+    with torch.no_grad():
+        ours = target_loss(model, batch)
+        ref = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], labels=labels).loss
+    torch.testing.assert_close(ours, ref, rtol=1e-5, atol=1e-5)
+
+
+def test_run_id_is_stable_and_changes_with_what_shapes_the_weights():
+    cfg = TrainConfig()
+    a = run_id_for("smollm2-135m", "movie-sentiment", 4, 0, cfg)
+    assert a == run_id_for("smollm2-135m", "movie-sentiment", 4, 0, TrainConfig(eval_limit=5, device="cpu"))
+    assert a.startswith("smollm2-135m_movie-sentiment_r4_s0_")
+    assert a != run_id_for("smollm2-135m", "movie-sentiment", 4, 0, TrainConfig(lr=1e-3))
+    assert a != run_id_for("smollm2-135m", "movie-sentiment", 4, 1, cfg)
+
+
+# -----------------------------------------------------------------------------
+# One run
+
+
+def test_train_lora_writes_peft_loadable_checkpoints_and_a_manifest(tiny, task_file, tmp_path):
+    from peft import PeftModel
+
+    from oral.evaluate import Evaluator
+    from oral.models import weights_fingerprint
+    from oral.tasks import load_task_file
+
+    model, tok = tiny
+    before = weights_fingerprint(model)
+    task = load_task_file(task_file)
+    base_loss = Evaluator(model, tok, progress=False).task_loss(task, "validation")
+    zoo_dir = tmp_path / "zoo"
+    paths = train_lora(model, str(task_file), rank=2, steps=30, keep=3, out_dir=zoo_dir, seed=0,
+                       tokenizer=tok, targets=["q_proj", "v_proj"], **FAST)
+
+    # the base handed in comes back untouched, without LoRA layers
+    assert weights_fingerprint(model) == before
+    assert not any("lora" in n for n, _ in model.named_modules())
+
+    assert [p.name for p in paths] == ["step-000028", "step-000029", "step-000030"]
+    records = Zoo(zoo_dir).records()
+    assert [r["step"] for r in records] == [28, 29, 30]
+    assert [r["final"] for r in records] == [False, False, True]
+    final = records[-1]
+    for key in ("base", "lineage", "base_fingerprint", "task", "rank", "alpha", "targets", "seed",
+                "train_loss", "val_metric", "path", "run_id"):
+        assert key in final, key
+    assert final["base"] == "tiny-llama" and final["base_fingerprint"] == before
+    assert final["task"] == "color-or-animal" and final["rank"] == 2 and final["alpha"] == 4.0
+    assert final["val_metric"]["metric"] == "accuracy" and final["val_metric"]["n"] == 8
+    assert "val_metric" not in records[0]
+    assert not Path(final["path"]).is_absolute() and (zoo_dir / final["path"]) == paths[-1]
+
+    # the final checkpoint loads in plain PEFT, changes the logits, and lowered the target loss
+    peft_model = PeftModel.from_pretrained(model, str(paths[-1]))
+    assert peft_model.peft_config["default"].r == 2
+    tuned_loss = Evaluator(peft_model, tok, progress=False).task_loss(task, "validation")
+    peft_model.unload()
+    assert tuned_loss < base_loss - 1.0, (base_loss, tuned_loss)
+    assert weights_fingerprint(model) == before
+
+
+def test_checkpoints_load_through_the_codec(tiny, task_file, tmp_path):
+    lora = pytest.importorskip("oral.lora")
+    model, tok = tiny
+    paths = train_lora(model, str(task_file), rank=2, steps=4, keep=2, out_dir=tmp_path / "zoo",
+                       tokenizer=tok, **FAST)
+    spec, state = lora.load_adapter(paths[-1])
+    assert spec.modules[0].rank == 2
+    assert len(state) == 2 * 2 * 2  # 2 layers x (q, v) x (A, B)
+
+
+def test_same_seed_gives_identical_adapters_and_another_seed_does_not(tiny, task_file, tmp_path):
+    from safetensors.torch import load_file
+
+    model, tok = tiny
+    kw = dict(rank=2, steps=6, keep=1, tokenizer=tok, **FAST)
+    a = train_lora(model, str(task_file), out_dir=tmp_path / "a", seed=3, **kw)[-1]
+    b = train_lora(model, str(task_file), out_dir=tmp_path / "b", seed=3, **kw)[-1]
+    c = train_lora(model, str(task_file), out_dir=tmp_path / "c", seed=4, **kw)[-1]
+    sa, sb, sc = (load_file(p / "adapter_model.safetensors") for p in (a, b, c))
+    assert sa.keys() == sb.keys()
+    assert all(torch.equal(sa[k], sb[k]) for k in sa)
+    assert not all(torch.equal(sa[k], sc[k]) for k in sa)
+
+
+def test_rerun_of_a_done_run_trains_nothing(tiny, task_file, tmp_path):
+    model, tok = tiny
+    kw = dict(rank=2, steps=4, keep=2, out_dir=tmp_path / "zoo", tokenizer=tok, **FAST)
+    first = train_lora(model, str(task_file), **kw)
+    stamp = (first[-1] / "adapter_model.safetensors").stat().st_mtime_ns
+    lines = (tmp_path / "zoo" / "manifest.jsonl").read_text()
+    assert train_lora(model, str(task_file), **kw) == first
+    assert (tmp_path / "zoo" / "manifest.jsonl").read_text() == lines
+    assert (first[-1] / "adapter_model.safetensors").stat().st_mtime_ns == stamp
+
+
+def test_partial_run_is_finished_keeping_recorded_checkpoints_and_dropping_debris(tiny, task_file, tmp_path):
+    model, tok = tiny
+    zoo_dir = tmp_path / "zoo"
+    kw = dict(rank=2, steps=6, keep=3, out_dir=zoo_dir, tokenizer=tok, **FAST)
+    paths = train_lora(model, str(task_file), **kw)
+    # As if killed during the final evaluation: the final dir exists, its record does not, and a
+    # temporary dir of an interrupted write lies beside it.
+    manifest = zoo_dir / "manifest.jsonl"
+    kept = [line for line in manifest.read_text().splitlines() if '"final": false' in line]
+    manifest.write_text("\n".join(kept) + "\n" + '{"run_id": "torn')  # plus a torn last line
+    debris = paths[0].parent / ".step-000006.abc.tmp"
+    debris.mkdir()
+    zoo = Zoo(zoo_dir)
+    assert zoo.records() == []  # a run without its final record is not listed
+    assert len(zoo.records(complete_only=False)) == 2
+    stamp = (paths[0] / "adapter_model.safetensors").stat().st_mtime_ns
+
+    again = train_lora(model, str(task_file), **kw)
+    assert again == paths
+    assert not debris.exists()
+    assert (paths[0] / "adapter_model.safetensors").stat().st_mtime_ns == stamp  # left as it was
+    raw = [r for r in read_jsonl(manifest)]
+    assert sorted(r["step"] for r in raw) == [4, 5, 6]  # no duplicates
+    assert [r["final"] for r in zoo.records()] == [False, False, True]
+
+
+# -----------------------------------------------------------------------------
+# Grids, processes, kills
+
+
+def _grid_yaml(tmp: Path, task_file: Path, steps: int = 30, seeds=(0, 1, 2)) -> Path:
+    cfg = {
+        "out": str(tmp / "zoo"),
+        "grid": [{"bases": ["tiny-llama"], "tasks": [str(task_file)], "ranks": [2], "seeds": list(seeds)}],
+        "train": {"steps": steps, "keep": 4, **FAST},
+    }
+    path = tmp / "grid.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    return path
+
+
+def _oral(*args: str, env: dict | None = None, **kw) -> subprocess.Popen:
+    full_env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1", **(env or {})}
+    return subprocess.Popen([sys.executable, "-m", "oral.cli", *args], env=full_env, cwd=REPO,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, **kw)
+
+
+def _check_complete(zoo_dir: Path, runs: int, keep: int) -> list[dict]:
+    raw = read_jsonl(zoo_dir / "manifest.jsonl")
+    keys = [(r["run_id"], r["step"]) for r in raw]
+    assert len(keys) == len(set(keys)), "duplicate manifest records"
+    zoo = Zoo(zoo_dir)
+    recs = zoo.records()
+    assert len(zoo.runs()) == runs and len(recs) == runs * keep
+    for r in recs:
+        assert (zoo.path(r) / "adapter_model.safetensors").is_file()
+        assert (zoo.path(r) / "adapter_config.json").is_file()
+    on_disk = sorted(p.relative_to(zoo_dir).as_posix() for p in (zoo_dir / "runs").glob("*/*"))
+    assert on_disk == sorted(r["path"] for r in recs), "a dir on disk without a record (or a temp dir)"
+    return recs
+
+
+def test_grid_killed_with_sigkill_and_rerun_completes_without_duplicates(task_file, tmp_path):
+    cfg = _grid_yaml(tmp_path, task_file, steps=40)
+    manifest = tmp_path / "zoo" / "manifest.jsonl"
+    proc = _oral("zoo", "--config", str(cfg))
+    deadline = time.time() + 240
+    while time.time() < deadline and proc.poll() is None:
+        if len(read_jsonl(manifest)) >= 2:  # inside the first run's kept checkpoints
+            break
+        time.sleep(0.05)
+    assert proc.poll() is None, f"the grid ended before it could be killed:\n{proc.stdout.read()}"
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert len(Zoo(tmp_path / "zoo").runs()) < 3
+
+    again = _oral("zoo", "--config", str(cfg))
+    out, _ = again.communicate(timeout=300)
+    assert again.returncode == 0, out
+    recs = _check_complete(tmp_path / "zoo", runs=3, keep=4)
+    assert {r["seed"] for r in recs} == {0, 1, 2}
+
+    # a third run of the same command finds nothing to do
+    third = _oral("zoo", "--config", str(cfg))
+    out, _ = third.communicate(timeout=120)
+    assert third.returncode == 0 and "0 runs trained, 3 already done" in out, out
+
+
+def test_two_processes_split_a_grid_by_rank_and_world_size(task_file, tmp_path):
+    cfg = _grid_yaml(tmp_path, task_file, steps=8)
+    procs = [_oral("zoo", "--config", str(cfg), env={"RANK": str(r), "WORLD_SIZE": "2", "LOCAL_RANK": str(r)})
+             for r in range(2)]
+    outs = [p.communicate(timeout=300)[0] for p in procs]
+    assert all(p.returncode == 0 for p in procs), outs
+    assert "2 runs trained" in outs[0] and "1 runs trained" in outs[1], outs
+    recs = _check_complete(tmp_path / "zoo", runs=3, keep=4)
+    worker_of = {r["seed"]: r["worker"] for r in recs}
+    assert worker_of == {0: 0, 1: 1, 2: 0}
+
+
+# -----------------------------------------------------------------------------
+# Configs and the command line
+
+
+def test_shipped_configs_load_and_expand_to_their_grids(tmp_home):
+    tiny = load_config(ZooConfig, REPO / "configs" / "zoo-tiny.yaml")
+    assert {r.base for r in grid_runs(tiny)} == {"tiny-llama"}
+    quick = load_config(ZooConfig, REPO / "configs" / "zoo-quick.yaml")
+    runs = grid_runs(quick)
+    assert {r.base for r in runs} == {"smollm2-135m"} and 3 <= len(runs) <= 4
+    assert quick.train.targets == ["q_proj", "v_proj"] and {r.rank for r in runs} == {4}
+    full = load_config(ZooConfig, REPO / "configs" / "zoo-full.yaml")
+    assert {1, 2, 4, 8} <= {r for b in full.grid for r in b.ranks}
+    # the evolved versions do not exist in an empty $ORAL_HOME: the error names the command
+    with pytest.raises(ZooError, match="oral evolve --chain"):
+        grid_runs(full)
+
+
+def test_grid_block_with_versions_needs_a_chain():
+    with pytest.raises(ZooError, match="chain"):
+        grid_runs(ZooConfig(grid=[GridBlock(bases=[], tasks=["movie-sentiment"], versions=[1])]))
+    with pytest.raises(ZooError, match="empty"):
+        grid_runs(ZooConfig(grid=[]))
+
+
+def test_cli_without_a_run_or_config_says_what_to_give(capsys):
+    from oral.cli import main
+
+    assert main(["zoo"]) == 2
+    assert "--config" in capsys.readouterr().err
+    assert main(["zoo", "--config", "configs/zoo-tiny.yaml", "--base", "tiny-llama"]) == 2
+
+
+# -----------------------------------------------------------------------------
+# Slow: the real model beats its base
+
+
+@pytest.mark.slow
+def test_smollm2_lora_beats_the_base_on_movie_sentiment(tmp_path):
+    train_lora("smollm2-135m", "movie-sentiment", rank=4, steps=60, keep=2, out_dir=tmp_path / "zoo",
+               eval_limit=100)
+    final = Zoo(tmp_path / "zoo").records(final=True)[0]
+    assert final["val_metric"]["value"] >= final["base_val_metric"]["value"] + 0.15, final
