@@ -154,7 +154,7 @@ def test_cli_writes_peft_loadable_adapters_with_provenance(gen_dir, tmp_path, ti
     assert prov["seed"] == 6 and prov["prompt"] == "flag junk text messages" and prov["zoo_manifest_sha256"]
     model, _ = load_base("tiny-llama")
     with warnings.catch_warnings():
-        warnings.simplefilter("error")
+        warnings.simplefilter("error", UserWarning)  # PEFT warns on missing / unexpected keys
         peft = PeftModel.from_pretrained(model, str(out / "seed-5"))
     assert any("lora_B" in n for n, _ in peft.named_parameters())
 

@@ -268,7 +268,7 @@ def _check_complete(zoo_dir: Path, runs: int, keep: int) -> list[dict]:
 
 
 def test_grid_killed_with_sigkill_and_rerun_completes_without_duplicates(task_file, tmp_path):
-    cfg = _grid_yaml(tmp_path, task_file, steps=40)
+    cfg = _grid_yaml(tmp_path, task_file, steps=24)
     manifest = tmp_path / "zoo" / "manifest.jsonl"
     proc = _oral("zoo", "--config", str(cfg))
     deadline = time.time() + 240

@@ -663,6 +663,32 @@ def train_lora(
     return kept
 
 
+def evaluate_checkpoints(
+    zoo: str | Path | Zoo, records: list[dict] | None = None, split: str = "validation",
+    limit: int | None = None, batch_size: int = 16,
+) -> list[dict]:
+    """Score checkpoints (default: every completed one) on their task; one dict per record.
+
+    Each base is loaded once and the adapters are swapped into it in place (Evaluator.set_adapter).
+    Returns the records with `eval` = {"metric", "value", "n", "split"} added (the manifest is not
+    changed: its val_metric is the training-time score of the final checkpoint).
+    """
+    from oral.evaluate import Evaluator
+    from oral.models import load_base
+
+    zoo = zoo if isinstance(zoo, Zoo) else Zoo(zoo)
+    records = zoo.records() if records is None else records
+    out: list[dict] = []
+    for base in dict.fromkeys(r["base"] for r in records):
+        model, tok = load_base(base)
+        ev = Evaluator(model, tok, batch_size=batch_size, progress=False)
+        for r in tqdm([r for r in records if r["base"] == base], desc=f"eval {_slug(base)}", disable=None):
+            ev.set_adapter(zoo.path(r))
+            res = ev.evaluate(_get_task(r.get("task_key", r["task"])), split=split, limit=limit)
+            out.append({**r, "eval": {**res, "split": split}})
+    return out
+
+
 def run_grid(cfg: ZooConfig, rank: int | None = None, world_size: int | None = None) -> dict:
     """Train every missing run of the grid that falls to this process; return counts.
 

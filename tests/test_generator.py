@@ -1,0 +1,103 @@
+"""The network and the diffusion: shapes, presets, samplers against an exact denoiser, masking."""
+
+import pytest
+import torch
+
+from oral.diffusion import PREDICTION_TYPES, Diffusion, DiffusionConfig
+from oral.generator import GENERATOR_PRESETS, LoraGenerator, generator_config
+
+
+def _inputs(cfg, B=2, N=12, K=5):
+    positions = torch.stack([torch.randint(0, 3, (B, N)), torch.randint(0, 2, (B, N)),
+                             torch.randint(0, 2, (B, N)), torch.arange(N).expand(B, N)], dim=-1)
+    cm = torch.randn(B, cfg.model_cond_dim)
+    ct = torch.randn(B, cfg.text_cond_dim)
+    idx = torch.rand(B, N).argsort(1)[:, :K]
+    u = torch.randn(B * K, cfg.token_size)
+    t = torch.randint(0, 1000, (B * K,))
+    return positions, cm, ct, idx, u, t
+
+
+@pytest.mark.parametrize("denoiser", ["mlp", "conv"])
+def test_forward_shapes_and_gradients_reach_every_part(denoiser):
+    cfg = generator_config("tiny", denoiser=denoiser, model_cond_dim=10, text_cond_dim=8)
+    net = LoraGenerator(cfg)
+    assert net.mamba.config.use_mambapy
+    positions, cm, ct, idx, u, t = _inputs(cfg)
+    eps = net(positions, cm, ct, torch.tensor([False, True]), idx, u, t)
+    assert eps.shape == u.shape
+    eps.pow(2).mean().backward()
+    for name in ("cond.0.weight", "pos.mix.weight", "null_text"):
+        g = dict(net.named_parameters())[name].grad
+        assert g is not None and g.abs().sum() > 0, name
+    assert any(p.grad is not None and p.grad.abs().sum() > 0 for n, p in net.named_parameters() if n.startswith("mamba."))
+
+
+def test_prototypes_depend_on_text_unless_it_is_dropped():
+    cfg = generator_config("tiny", model_cond_dim=4, text_cond_dim=8)
+    net = LoraGenerator(cfg).eval()
+    positions, cm, _, _, _, _ = _inputs(cfg, B=1)
+    a, b = torch.randn(1, 8), torch.randn(1, 8)
+    with torch.no_grad():
+        pa = net.prototypes(positions, net.condition(cm, a, torch.tensor([False])))
+        pb = net.prototypes(positions, net.condition(cm, b, torch.tensor([False])))
+        na = net.prototypes(positions, net.condition(cm, a, torch.tensor([True])))
+        nb = net.prototypes(positions, net.condition(cm, b, torch.tensor([True])))
+    assert not torch.allclose(pa, pb)
+    assert torch.equal(na, nb)
+
+
+def test_presets_registry_and_bad_names():
+    assert {"tiny", "small", "base"} <= set(GENERATOR_PRESETS)
+    assert generator_config("small", d_model=128).d_model == 128
+    with pytest.raises(ValueError, match="unknown generator preset"):
+        generator_config("huge")
+    with pytest.raises(ValueError, match="unknown generator setting"):
+        generator_config("tiny", width=3)
+    with pytest.raises(ValueError, match="unknown denoiser"):
+        generator_config("tiny", denoiser="unet")
+
+
+@pytest.mark.parametrize("prediction_type", PREDICTION_TYPES)
+@pytest.mark.parametrize("sampler", ["ddim", "ddpm"])
+def test_samplers_recover_the_data_with_an_exact_denoiser(prediction_type, sampler):
+    d = Diffusion(DiffusionConfig(prediction_type=prediction_type))
+    ab = d.scheduler.alphas_cumprod
+    x0 = torch.randn(6, 16)
+
+    def exact(x, t):  # the ideal prediction when the data is the single point x0
+        a = ab[t][:, None]
+        eps = (x - a.sqrt() * x0) / (1 - a).sqrt()
+        return {"epsilon": eps, "sample": x0.expand_as(x), "v_prediction": a.sqrt() * eps - (1 - a).sqrt() * x0}[prediction_type]
+
+    x = d.sample(exact, (6, 16), steps=25, sampler=sampler, generator=torch.Generator().manual_seed(0))
+    assert torch.allclose(x, x0, atol=1e-4)
+
+
+def test_sampling_is_deterministic_given_the_seed():
+    d = Diffusion()
+    fn = lambda x, t: 0.5 * x  # noqa: E731
+    a = d.sample(fn, (3, 8), steps=10, sampler="ddpm", generator=torch.Generator().manual_seed(1))
+    b = d.sample(fn, (3, 8), steps=10, sampler="ddpm", generator=torch.Generator().manual_seed(1))
+    c = d.sample(fn, (3, 8), steps=10, sampler="ddpm", generator=torch.Generator().manual_seed(2))
+    assert torch.equal(a, b) and not torch.equal(a, c)
+    with pytest.raises(ValueError, match="unknown sampler"):
+        d.sample(fn, (3, 8), sampler="euler")
+
+
+def test_padding_is_left_out_of_the_loss():
+    d = Diffusion(DiffusionConfig(prediction_type="epsilon"))
+    x0 = torch.randn(4, 8)
+    mask = torch.ones(4, 8, dtype=torch.bool)
+    mask[-1, 5:] = False
+    pred = torch.randn(4, 8)
+    target = torch.randn(4, 8)
+    loss = Diffusion.masked_mse(pred, target, mask)
+    pred2 = pred.clone()
+    pred2[-1, 5:] += 100.0  # garbage at the padding changes nothing
+    assert torch.equal(loss, Diffusion.masked_mse(pred2, target, mask))
+    assert torch.isclose(loss, ((pred - target) ** 2)[mask].mean())
+    # padding values of x0 (e.g. NaN) never reach the loss
+    x0[-1, 5:] = float("nan")
+    g = torch.Generator().manual_seed(0)
+    assert torch.isfinite(d.loss(lambda x, t: torch.zeros_like(x), x0, mask, g))
