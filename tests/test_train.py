@@ -116,11 +116,11 @@ def test_resumed_training_matches_an_uninterrupted_run(zoo, tmp_path):
     from oral.config import load_config
     from oral.train import TrainConfig, read_loss_log, train_generator
 
-    cfg = load_config(TrainConfig, None, ["preset=tiny", "steps=20", "log_every=2", "save_every=5", "device=cpu",
-                                          "warmup_steps=4"])
+    cfg = load_config(TrainConfig, None, ["preset=tiny", "steps=8", "log_every=1", "save_every=2", "device=cpu",
+                                          "warmup_steps=2"])
     train_generator([zoo], tmp_path / "a", cfg)
-    train_generator([zoo], tmp_path / "b", cfg, stop_at=10)  # interrupted after step 10
-    assert read_loss_log(tmp_path / "b")[-1]["step"] == 10
+    train_generator([zoo], tmp_path / "b", cfg, stop_at=4)  # interrupted after step 4
+    assert read_loss_log(tmp_path / "b")[-1]["step"] == 4
     train_generator([zoo], tmp_path / "b", cfg)  # the same call again resumes
     a, b = read_loss_log(tmp_path / "a"), read_loss_log(tmp_path / "b")
     assert [r["step"] for r in a] == [r["step"] for r in b]

@@ -16,7 +16,7 @@ from oral.config import load_config
 from oral.io import read_jsonl
 from oral.zoo import (
     GridBlock, TrainConfig, Zoo, ZooConfig, ZooError, batch_indices, collate, encode_example,
-    grid_runs, lr_at, run_id_for, shard, target_loss, train_lora,
+    grid_runs, lr_at, run_grid, run_id_for, shard, target_loss, train_lora,
 )
 
 REPO = Path(__file__).resolve().parents[1]
@@ -140,16 +140,16 @@ def test_train_lora_writes_peft_loadable_checkpoints_and_a_manifest(tiny, task_f
     task = load_task_file(task_file)
     base_loss = Evaluator(model, tok, progress=False).task_loss(task, "validation")
     zoo_dir = tmp_path / "zoo"
-    paths = train_lora(model, str(task_file), rank=2, steps=30, keep=3, out_dir=zoo_dir, seed=0,
+    paths = train_lora(model, str(task_file), rank=2, steps=20, keep=3, out_dir=zoo_dir, seed=0,
                        tokenizer=tok, targets=["q_proj", "v_proj"], **FAST)
 
     # the base handed in comes back untouched, without LoRA layers
     assert weights_fingerprint(model) == before
     assert not any("lora" in n for n, _ in model.named_modules())
 
-    assert [p.name for p in paths] == ["step-000028", "step-000029", "step-000030"]
+    assert [p.name for p in paths] == ["step-000018", "step-000019", "step-000020"]
     records = Zoo(zoo_dir).records()
-    assert [r["step"] for r in records] == [28, 29, 30]
+    assert [r["step"] for r in records] == [18, 19, 20]
     assert [r["final"] for r in records] == [False, False, True]
     final = records[-1]
     for key in ("base", "lineage", "base_fingerprint", "task", "rank", "alpha", "targets", "seed",
@@ -178,6 +178,19 @@ def test_checkpoints_load_through_the_codec(tiny, task_file, tmp_path):
     spec, state = lora.load_adapter(paths[-1])
     assert spec.modules[0].rank == 2
     assert len(state) == 2 * 2 * 2  # 2 layers x (q, v) x (A, B)
+
+
+def test_saved_checkpoints_score_as_they_did_during_training(tiny, task_file, tmp_path):
+    from oral.zoo import evaluate_checkpoints
+
+    model, tok = tiny
+    train_lora(model, str(task_file), rank=2, steps=8, keep=2, out_dir=tmp_path / "zoo", tokenizer=tok,
+               **{**FAST, "eval_checkpoints": True, "eval_limit": None})
+    rows = evaluate_checkpoints(tmp_path / "zoo")
+    assert [r["step"] for r in rows] == [7, 8]
+    for r in rows:
+        assert r["eval"]["n"] == r["val_metric"]["n"] == 20
+        assert r["eval"]["value"] == pytest.approx(r["val_metric"]["value"])
 
 
 def test_same_seed_gives_identical_adapters_and_another_seed_does_not(tiny, task_file, tmp_path):
@@ -287,10 +300,8 @@ def test_grid_killed_with_sigkill_and_rerun_completes_without_duplicates(task_fi
     recs = _check_complete(tmp_path / "zoo", runs=3, keep=4)
     assert {r["seed"] for r in recs} == {0, 1, 2}
 
-    # a third run of the same command finds nothing to do
-    third = _oral("zoo", "--config", str(cfg))
-    out, _ = third.communicate(timeout=120)
-    assert third.returncode == 0 and "0 runs trained, 3 already done" in out, out
+    # a third run of the same grid finds nothing to do
+    assert run_grid(load_config(ZooConfig, cfg)) == {"runs": 3, "skipped": 3, "trained": 0}
 
 
 def test_two_processes_split_a_grid_by_rank_and_world_size(task_file, tmp_path):

@@ -47,6 +47,7 @@ CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
 CONDITIONS_NAME = "conditions.safetensors"
 GAUGES = ("raw", "canonical")
+DATA_DIR = "data"
 
 
 class TrainError(ValueError):
@@ -225,6 +226,72 @@ def load_zoo_data(zoos: list[str | Path], cfg: TrainConfig, encoder: ConditionEn
             c_model=c_models[li],
         ))
     return ZooData(groups, bases, task_names, descriptions, c_text, zoo_info)
+
+
+def _data_key(zoos: list[str | Path], cfg: TrainConfig) -> dict:
+    """What the prepared data depends on: the zoo manifests and the data-shaping config fields."""
+    from oral.zoo import Zoo
+
+    return {
+        "zoos": [manifest_sha256(Zoo(z).root) for z in zoos],
+        "token_size": cfg.generator_config(0, 0).token_size,
+        "conditions": dataclasses.asdict(cfg.conditions),
+        **{k: getattr(cfg, k) for k in ("gauge", "center", "tasks", "final_only")},
+    }
+
+
+def save_zoo_data(data: ZooData, cfg: TrainConfig, path: Path) -> None:
+    """The prepared training data (tokens, conditions, tokenizers) as safetensors + JSON, so a
+    resumed run, or a run on another machine, needs neither the zoo's adapters nor the encoder."""
+    tensors = {}
+    for gi, g in enumerate(data.groups):
+        tensors[f"g{gi}.tokens"] = g.tokens.contiguous()
+        tensors[f"g{gi}.base_index"] = g.base_index
+        tensors[f"g{gi}.task_index"] = g.task_index
+        for bi, v in g.c_model.items():
+            tensors[f"g{gi}.c_model.{bi}"] = v.contiguous()
+    for ti, c in enumerate(data.c_text):
+        tensors[f"c_text.{ti}"] = c.contiguous()
+    meta = {"key": _data_key([z["path"] for z in data.zoos], cfg), "bases": data.bases, "tasks": data.tasks,
+            "descriptions": data.descriptions, "zoos": data.zoos, "groups": len(data.groups)}
+    with atomic_dir(path, overwrite=True) as tmp:
+        for gi, g in enumerate(data.groups):
+            g.tokenizer.save(tmp / "tokenizers" / str(gi))
+        save_file(tensors, str(tmp / "data.safetensors"))
+        (tmp / "data.json").write_text(json.dumps(meta, indent=1))
+
+
+def cached_zoo_data(out: Path, zoos: list[str | Path], cfg: TrainConfig) -> ZooData | None:
+    """The data saved by an earlier run into OUT/data, when it was made from the same zoos and
+    config (a zoo that is not on this machine is taken on trust from the saved hash)."""
+    from oral.tokens import WeightTokenizer
+    from oral.zoo import Zoo
+
+    path = out / DATA_DIR
+    if not (path / "data.json").exists():
+        return None
+    meta = json.loads((path / "data.json").read_text())
+    want = {**meta["key"]}
+    have = {**want, **{k: v for k, v in _data_key([], cfg).items() if k != "zoos"}}
+    local = [Zoo(z).root for z in zoos]
+    if all((r / "manifest.jsonl").exists() for r in local):
+        have["zoos"] = [manifest_sha256(r) for r in local]
+    if have != want:
+        log.info("prepared data in %s is stale; reading the zoo again", path)
+        return None
+    t = load_file(str(path / "data.safetensors"))
+    groups = []
+    for gi in range(meta["groups"]):
+        prefix = f"g{gi}.c_model."
+        groups.append(Group(
+            tokenizer=WeightTokenizer.load(path / "tokenizers" / str(gi)),
+            tokens=t[f"g{gi}.tokens"],
+            base_index=t[f"g{gi}.base_index"],
+            task_index=t[f"g{gi}.task_index"],
+            c_model={int(k[len(prefix):]): v for k, v in t.items() if k.startswith(prefix)},
+        ))
+    c_text = [t[f"c_text.{i}"] for i in range(len(meta["tasks"]))]
+    return ZooData(groups, meta["bases"], meta["tasks"], meta["descriptions"], c_text, meta["zoos"])
 
 
 # -----------------------------------------------------------------------------
@@ -435,9 +502,13 @@ def train_generator(zoos: list[str | Path], out: str | Path, cfg: TrainConfig | 
     main = accelerator.is_main_process
 
     # 1) data and conditions
-    encoder = ConditionEncoder(cfg.conditions, device="cpu")
-    data = load_zoo_data([Path(z) for z in zoos], cfg, encoder)
-    net_cfg = cfg.generator_config(encoder.model_dim, encoder.text_dim)
+    data = cached_zoo_data(out, zoos, cfg)
+    if data is None:
+        data = load_zoo_data([Path(z) for z in zoos], cfg, ConditionEncoder(cfg.conditions, device="cpu"))
+        if main:
+            save_zoo_data(data, cfg, out / DATA_DIR)
+    cm_dim = next(iter(data.groups[0].c_model.values())).numel()
+    net_cfg = cfg.generator_config(cm_dim, data.c_text[0].shape[1])
     log.info("training data: %d adapters in %d layout(s), %d base(s), %d task(s)",
              data.num_samples, len(data.groups), len(data.bases), len(data.tasks))
 
