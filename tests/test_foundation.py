@@ -123,3 +123,12 @@ def test_config_unknown_key_and_bad_type_are_clear_errors(tmp_path):
     bad.write_text("steps: [1,\n")
     with pytest.raises(ConfigError, match="not valid YAML"):
         load_config(_Cfg, bad)
+
+
+def test_jsonl_append_after_a_torn_line_keeps_the_new_record(tmp_path):
+    path = tmp_path / "m.jsonl"
+    append_jsonl(path, {"a": 1})
+    with open(path, "a") as f:
+        f.write('{"a": 2')  # a writer killed mid-line
+    append_jsonl(path, {"a": 3})
+    assert read_jsonl(path) == [{"a": 1}, {"a": 3}]

@@ -7,9 +7,17 @@ from pathlib import Path
 import pytest
 import torch
 
+REPO = Path(__file__).resolve().parents[1]
 TASKS = ("sms-spam", "movie-sentiment")
-GEN_OVERRIDES = ["preset=tiny", "steps=200", "batch_size=8", "lr=3e-3", "warmup_steps=20", "save_every=100",
-                 "log_every=10", "device=cpu", "seed=0"]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Small tensors: one thread is many times faster than two on a shared 2-core machine."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
 
 
 @pytest.fixture(scope="module")
@@ -30,7 +38,9 @@ def gen_dir(zoo, tmp_path_factory) -> Path:
     from oral.train import TrainConfig, train_generator
 
     out = tmp_path_factory.mktemp("gen") / "gen"
-    return train_generator([zoo], out, load_config(TrainConfig, None, GEN_OVERRIDES))
+    cfg = load_config(TrainConfig, REPO / "configs" / "generator-tiny.yaml", ["device=cpu"])
+    assert cfg.steps == 200
+    return train_generator([zoo], out, cfg)
 
 
 @pytest.fixture(scope="module")
@@ -167,3 +177,23 @@ def test_cli_refuses_a_base_of_another_architecture(gen_dir, tmp_path, capsys):
     assert rc == 2
     assert "not trained for base 'smollm2-135m'" in capsys.readouterr().err
     assert not (tmp_path / "a").exists()
+
+
+def test_canonical_gauge_trains_on_canonical_tokens_and_generates_a_valid_adapter(zoo, tmp_path):
+    from oral.config import load_config
+    from oral.generate import Generator
+    from oral.lora import canonicalize, load_adapter
+    from oral.train import TrainConfig, prepare_training_data, train_generator
+    from oral.zoo import Zoo
+
+    cfg = load_config(TrainConfig, None, ["preset=tiny", "steps=4", "save_every=4", "device=cpu", "gauge=canonical"])
+    data = prepare_training_data([zoo], tmp_path / "g", cfg)
+    rec = Zoo(zoo).records()[0]
+    spec, state = load_adapter(Zoo(zoo).path(rec))
+    tok = data.groups[0].tokenizer
+    canon = tok.encode(canonicalize(spec, state)).tokens
+    assert any(torch.allclose(canon, t, atol=1e-6) for t in data.groups[0].tokens)
+    assert not any(torch.allclose(tok.encode(state).tokens, t, atol=1e-3) for t in data.groups[0].tokens)
+    train_generator([zoo], tmp_path / "g", cfg)
+    spec, state = Generator.from_pretrained(tmp_path / "g", device="cpu").generate("tiny-llama", "spam filter", steps=5)
+    assert set(state) == set(spec.keys())

@@ -304,6 +304,7 @@ def test_grid_killed_with_sigkill_and_rerun_completes_without_duplicates(task_fi
     assert run_grid(load_config(ZooConfig, cfg)) == {"runs": 3, "skipped": 3, "trained": 0}
 
 
+@pytest.mark.slow  # two model-loading processes; the assignment itself is unit-tested above
 def test_two_processes_split_a_grid_by_rank_and_world_size(task_file, tmp_path):
     cfg = _grid_yaml(tmp_path, task_file, steps=8)
     procs = [_oral("zoo", "--config", str(cfg), env={"RANK": str(r), "WORLD_SIZE": "2", "LOCAL_RANK": str(r)})
@@ -320,7 +321,8 @@ def test_two_processes_split_a_grid_by_rank_and_world_size(task_file, tmp_path):
 # Configs and the command line
 
 
-def test_shipped_configs_load_and_expand_to_their_grids(tmp_home):
+def test_shipped_configs_load_and_expand_to_their_grids(tmp_home, monkeypatch):
+    monkeypatch.chdir(REPO)  # the full grid names its chain config relative to the repository
     tiny = load_config(ZooConfig, REPO / "configs" / "zoo-tiny.yaml")
     assert {r.base for r in grid_runs(tiny)} == {"tiny-llama"}
     quick = load_config(ZooConfig, REPO / "configs" / "zoo-quick.yaml")

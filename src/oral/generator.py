@@ -49,6 +49,8 @@ class GeneratorConfig:
 # Named sizes (DiT-style registry). token_size is part of the preset: it fixes the weight tokenizer.
 GENERATOR_PRESETS: dict[str, dict] = {
     "tiny": dict(token_size=64, d_model=64, n_layers=1, d_state=8, denoiser_width=128, denoiser_depth=2),
+    # SmolLM2-135M, r=4 on q,v: 768-value tokens cut its tensors (4x576, 576x4, 192x4) with no padding.
+    "smol": dict(token_size=768, d_model=128, n_layers=2, d_state=8, denoiser_width=768, denoiser_depth=2),
     "small": dict(token_size=256, d_model=256, n_layers=2, denoiser_width=512, denoiser_depth=3),
     "base": dict(token_size=512, d_model=512, n_layers=2, d_state=32, denoiser_width=1024, denoiser_depth=4),
     "rpg-conv": dict(token_size=256, d_model=256, n_layers=2, denoiser="conv"),

@@ -90,8 +90,15 @@ def append_jsonl(path: str | os.PathLike, record: dict) -> None:
     path = Path(path)
     line = json.dumps(record, sort_keys=True) + "\n"
     with file_lock(path.with_name(path.name + ".lock")):
-        with open(path, "a", encoding="utf-8") as f:
-            f.write(line)
+        with open(path, "a+b") as f:
+            # A writer killed mid-line leaves a torn last line: start on a fresh line so this
+            # record stays whole (read_jsonl skips the torn one).
+            f.seek(0, os.SEEK_END)
+            if f.tell() > 0:
+                f.seek(-1, os.SEEK_END)
+                if f.read(1) != b"\n":
+                    line = "\n" + line
+            f.write(line.encode("utf-8"))
             f.flush()
             os.fsync(f.fileno())
 

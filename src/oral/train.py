@@ -294,6 +294,21 @@ def cached_zoo_data(out: Path, zoos: list[str | Path], cfg: TrainConfig) -> ZooD
     return ZooData(groups, meta["bases"], meta["tasks"], meta["descriptions"], c_text, meta["zoos"])
 
 
+def prepare_training_data(zoos: list[str | Path], out: str | Path, cfg: TrainConfig, save: bool = True) -> ZooData:
+    """OUT/data if it is up to date, else the zoos read, tokenized and encoded (and saved to OUT/data).
+
+    Preparing once and copying OUT to another machine lets that machine train without the zoo,
+    the base models or the text encoder.
+    """
+    out = Path(out)
+    data = cached_zoo_data(out, zoos, cfg)
+    if data is None:
+        data = load_zoo_data([Path(z) for z in zoos], cfg, ConditionEncoder(cfg.conditions, device="cpu"))
+        if save:
+            save_zoo_data(data, cfg, out / DATA_DIR)
+    return data
+
+
 # -----------------------------------------------------------------------------
 # Schedules and EMA
 
@@ -502,11 +517,7 @@ def train_generator(zoos: list[str | Path], out: str | Path, cfg: TrainConfig | 
     main = accelerator.is_main_process
 
     # 1) data and conditions
-    data = cached_zoo_data(out, zoos, cfg)
-    if data is None:
-        data = load_zoo_data([Path(z) for z in zoos], cfg, ConditionEncoder(cfg.conditions, device="cpu"))
-        if main:
-            save_zoo_data(data, cfg, out / DATA_DIR)
+    data = prepare_training_data(zoos, out, cfg, save=main)
     cm_dim = next(iter(data.groups[0].c_model.values())).numel()
     net_cfg = cfg.generator_config(cm_dim, data.c_text[0].shape[1])
     log.info("training data: %d adapters in %d layout(s), %d base(s), %d task(s)",

@@ -11,8 +11,8 @@ A run is one (base model version, task, rank, seed) with fixed training hyperpar
 `run_id` is a readable prefix plus a hash of everything that changes its weights, so the same
 grid always maps to the same run ids.
 
-The manifest is append-only JSONL (`append_record`: an flock-ed, fsync-ed append of one line,
-under the same lock as `oral.io.append_jsonl`) rather than SQLite: the zoo is write-once
+The manifest is append-only JSONL (`oral.io.append_jsonl`: an flock-ed, fsync-ed append of one
+line that starts on a fresh line after a torn one) rather than SQLite: the zoo is write-once
 (checkpoints are never edited), readers want to grep it or `pandas.read_json(lines=True)` it, a
 torn last line from a killed writer is skipped by `oral.io.read_jsonl`, and many processes (one
 per GPU) append to it with no database lock to contend for (SQLite's locking is also unreliable
@@ -59,7 +59,7 @@ from typing import Any, Iterator
 import torch
 from tqdm.auto import tqdm
 
-from oral.io import atomic_dir, file_lock, read_jsonl
+from oral.io import append_jsonl, atomic_dir, read_jsonl
 from oral.paths import oral_home
 
 log = logging.getLogger(__name__)
@@ -327,24 +327,6 @@ class Zoo:
                 "wall_s": final.get("wall_s"),
             })
         return rows
-
-
-def append_record(manifest: Path, record: dict) -> None:
-    """Append one JSON line under the manifest's lock (the one oral.io.append_jsonl takes), fsynced.
-
-    A writer killed mid-line leaves a torn last line without its newline; it is ended first, so
-    the torn line stays one unreadable line (skipped by read_jsonl) instead of swallowing this one.
-    """
-    line = (json.dumps(record, sort_keys=True) + "\n").encode("utf-8")
-    with file_lock(manifest.with_name(manifest.name + ".lock")):
-        with open(manifest, "a+b") as f:
-            if f.tell() > 0:
-                f.seek(-1, os.SEEK_END)
-                if f.read(1) != b"\n":
-                    line = b"\n" + line
-            f.write(line)
-            f.flush()
-            os.fsync(f.fileno())
 
 
 @contextlib.contextmanager
@@ -620,7 +602,7 @@ def _run(base: _Base, task, task_key: str, rank: int, seed: int, train: TrainCon
                 if is_final:
                     record["base_val_metric"] = base_val
                     record["wall_s"] = round(time.time() - t0, 2)
-                append_record(zoo.manifest, record)
+                append_jsonl(zoo.manifest, record)
             bar.close()
         finally:
             # 4) hand the base back clean (LoRA layers removed) for the next run of the grid
