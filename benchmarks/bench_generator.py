@@ -16,14 +16,16 @@ import torch
 from oral.diffusion import Diffusion
 from oral.generator import LoraGenerator, generator_config
 from oral.lora import LoraSpec
-from oral.models import load_base_config
+from oral.models import tiny_llama_config
 from oral.tokens import WeightTokenizer
 
 MISTRAL_7B = dict(model_type="mistral", hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
                   num_attention_heads=32, num_key_value_heads=8, vocab_size=32000)
+SMOLLM2_135M = dict(model_type="llama", hidden_size=576, intermediate_size=1536, num_hidden_layers=30,
+                    num_attention_heads=9, num_key_value_heads=3, vocab_size=49152, tie_word_embeddings=True)
 LAYOUTS = {
-    "tiny-llama": lambda: LoraSpec.from_base_config(load_base_config("tiny-llama"), ["q_proj", "v_proj"], 4, 8),
-    "smollm2-135m": lambda: LoraSpec.from_base_config(load_base_config("smollm2-135m"), ["q_proj", "v_proj"], 4, 8),
+    "tiny-llama": lambda: LoraSpec.from_base_config(tiny_llama_config(), ["q_proj", "v_proj"], 4, 8),
+    "smollm2-135m": lambda: LoraSpec.from_base_config(SMOLLM2_135M, ["q_proj", "v_proj"], 4, 8),
     "mistral-7b": lambda: LoraSpec.from_base_config(MISTRAL_7B, ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj",
                                                                  "up_proj", "down_proj"], 16, 32),
 }

@@ -87,6 +87,10 @@ class TrainConfig:
             raise TrainError(f"gauge must be one of {', '.join(GAUGES)}, got {self.gauge!r}")
         if self.steps < 1 or self.batch_size < 1 or self.save_every < 1 or self.log_every < 1:
             raise TrainError("steps, batch_size, save_every and log_every must all be >= 1")
+        from oral.generator import GENERATOR_PRESETS
+
+        if self.preset not in GENERATOR_PRESETS:
+            raise TrainError(f"unknown generator preset {self.preset!r}; choose one of {', '.join(GENERATOR_PRESETS)}")
         if not 0.0 <= self.cond_dropout < 1.0:
             raise TrainError(f"cond_dropout must be in [0, 1), got {self.cond_dropout}")
 
@@ -453,7 +457,7 @@ def export_generator(out: Path, net_cfg: GeneratorConfig, ema: dict, data: ZooDa
 # Loss log
 
 
-def _write_plot(out: Path, rows: list[dict]) -> None:
+def _write_plot(out: Path, rows: list[dict], ylabel: str = "loss") -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -467,7 +471,7 @@ def _write_plot(out: Path, rows: list[dict]) -> None:
         sm = [sum(r["loss"] for r in rows[max(0, i - k):i + 1]) / len(rows[max(0, i - k):i + 1]) for i in range(len(rows))]
         ax.plot(steps, sm, lw=2, label=f"moving mean ({k + 1})")
     ax.set_xlabel("step")
-    ax.set_ylabel("eps MSE")
+    ax.set_ylabel(ylabel)
     ax.set_yscale("log")
     ax.legend()
     ax.set_title("generator training loss")
@@ -600,7 +604,7 @@ def train_generator(zoos: list[str | Path], out: str | Path, cfg: TrainConfig | 
             save_checkpoint(out, done, raw, ema, opt, run_key, cfg.keep_checkpoints)
             export_generator(out, net_cfg, ema, data, cfg, done, time.time() - t0)
             _write_log(out, rows)
-            _write_plot(out, rows)
+            _write_plot(out, rows, f"masked MSE ({cfg.diffusion.prediction_type} prediction)")
     bar.close()
     accelerator.wait_for_everyone()
     if main and start >= end and not (out / CONFIG_NAME).exists():

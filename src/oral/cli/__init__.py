@@ -15,6 +15,7 @@ COMMANDS = [
     "eval",
     "train",
     "generate",
+    "compare",
 ]
 
 
