@@ -55,7 +55,7 @@ class Generator:
         """Load GEN/config.json, GEN/model.safetensors, GEN/conditions.safetensors, GEN/tokenizers/."""
         from oral.tokens import WeightTokenizer
 
-        path = Path(path)
+        path = Path(path).expanduser()
         if not (path / CONFIG_NAME).exists() or not (path / WEIGHTS_NAME).exists():
             raise GenerationError(f"{path} is not a trained generator ({CONFIG_NAME} or {WEIGHTS_NAME} missing); "
                                   f"train one with `oral train --zoo ZOO --out {path}`")
