@@ -11,7 +11,8 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 @pytest.fixture(scope="session")
 def tiny():
-    """(model, tokenizer) of the embedded tiny-llama, loaded once per test session."""
+    """(model, tokenizer) of the embedded tiny-llama, loaded once per test session: read-only
+    (a test that injects adapter layers loads a copy of its own)."""
     from oral.models import load_base
 
     return load_base("tiny-llama")

@@ -101,3 +101,15 @@ def test_padding_is_left_out_of_the_loss():
     x0[-1, 5:] = float("nan")
     g = torch.Generator().manual_seed(0)
     assert torch.isfinite(d.loss(lambda x, t: torch.zeros_like(x), x0, mask, g))
+
+
+def test_learned_token_embeddings_start_at_zero_and_refuse_longer_sequences():
+    cfg = generator_config("tiny", model_cond_dim=4, text_cond_dim=8, max_tokens=12)
+    net = LoraGenerator(cfg)
+    assert net.token_emb.shape == (12, cfg.d_model) and not net.token_emb.any()
+    positions, cm, ct, idx, u, t = _inputs(cfg, N=12)
+    net(positions, cm, ct, torch.tensor([False, False]), idx, u, t).pow(2).mean().backward()
+    assert net.token_emb.grad.abs().sum() > 0
+    positions, cm, ct, idx, u, t = _inputs(cfg, N=13)
+    with pytest.raises(ValueError, match="learned embeddings for 12"):
+        net(positions, cm, ct, torch.tensor([False, False]), idx, u, t)

@@ -51,10 +51,11 @@ def generator(gen_dir):
 
 
 @pytest.fixture(scope="module")
-def evaluator(tiny):
+def evaluator():
     from oral.evaluate import Evaluator
+    from oral.models import load_base
 
-    model, tok = tiny
+    model, tok = load_base("tiny-llama")  # its own copy: the evaluator injects LoRA layers into it
     return Evaluator(model, tok, batch_size=32, progress=False)
 
 

@@ -36,6 +36,7 @@ class GeneratorConfig:
     denoiser_depth: int = 3  # mlp: residual blocks
     conv_channels: list[int] = field(default_factory=lambda: [32, 64, 128, 64, 32])  # conv: hidden channels
     conv_kernel: int = 7  # conv: kernel size
+    max_tokens: int = 0  # > 0: also a learned embedding per sequence index (< max_tokens), zero-initialized
     model_cond_dim: int = 0  # c_model feature size (set from the conditions)
     text_cond_dim: int = 384  # c_text feature size (set from the text encoder)
 
@@ -190,6 +191,8 @@ class LoraGenerator(nn.Module):
         self.null_text = nn.Parameter(torch.randn(c.text_cond_dim) * 0.02)  # the "no prompt" condition
         self.cond = nn.Sequential(nn.Linear(cond_in, c.d_model), nn.SiLU(), nn.Linear(c.d_model, c.d_model))
         self.pos = PositionEmbedding(c.d_model)
+        if c.max_tokens > 0:  # RPG's learned-position variant: one free vector per token of the sequence
+            self.token_emb = nn.Parameter(torch.zeros(c.max_tokens, c.d_model))
         mamba = MambaConfig(
             vocab_size=1,  # unused: the stack reads embeddings
             hidden_size=c.d_model,
@@ -215,6 +218,11 @@ class LoraGenerator(nn.Module):
     def prototypes(self, positions: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
         """positions (B, N, 4) long, c (B, d_model) -> prototypes (B, N, d_model)."""
         x = self.pos(positions) + c[:, None, :]  # (B, N, d)
+        if self.config.max_tokens > 0:
+            N = positions.shape[1]
+            if N > self.config.max_tokens:
+                raise ValueError(f"{N} weight tokens, but this generator has learned embeddings for {self.config.max_tokens}")
+            x = x + self.token_emb[:N]
         return self.mamba(inputs_embeds=x).last_hidden_state
 
     def denoise(self, u: torch.Tensor, t: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
