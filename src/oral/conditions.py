@@ -16,7 +16,6 @@ from __future__ import annotations
 import hashlib
 import logging
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 from transformers import PretrainedConfig
@@ -204,7 +203,3 @@ def text_hash(texts: list[str]) -> str:
     """A short stable id of a list of texts (recorded with the conditions a generator saw)."""
     return hashlib.sha256("\n".join(texts).encode()).hexdigest()[:16]
 
-
-def encoder_path_hint(name: str) -> str:
-    """What gets recorded for the text encoder: the name, never a machine-specific path of the default."""
-    return DEFAULT_TEXT_ENCODER if Path(resolve_text_encoder(name)) == Path(resolve_text_encoder(DEFAULT_TEXT_ENCODER)) else name

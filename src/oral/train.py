@@ -26,9 +26,11 @@ import io
 import json
 import logging
 import math
+import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 from safetensors.torch import load_file, save_file
@@ -38,6 +40,9 @@ from oral.conditions import ConditionConfig, ConditionEncoder
 from oral.diffusion import Diffusion, DiffusionConfig
 from oral.generator import GeneratorConfig, LoraGenerator, generator_config
 from oral.io import atomic_dir, atomic_write_bytes, atomic_write_json, atomic_write_text
+
+if TYPE_CHECKING:
+    from oral.tokens import WeightTokenizer
 
 log = logging.getLogger(__name__)
 
@@ -112,7 +117,7 @@ def resolve_device(device: str) -> torch.device:
 class Group:
     """Adapters that share one LoRA layout (spec), hence one tokenizer and one token sequence."""
 
-    tokenizer: "WeightTokenizer"  # noqa: F821
+    tokenizer: WeightTokenizer
     tokens: torch.Tensor  # (S, N, D)
     base_index: torch.Tensor  # (S,) long, into ZooData.bases
     task_index: torch.Tensor  # (S,) long, into ZooData.tasks
@@ -365,10 +370,6 @@ def checkpoint_dirs(out: Path) -> list[Path]:
     return sorted(p for p in d.iterdir() if p.is_dir() and p.name.isdigit()) if d.is_dir() else []
 
 
-def _rng_state_tensors() -> dict[str, torch.Tensor]:
-    return {"rng.torch": torch.get_rng_state()}
-
-
 def save_checkpoint(out: Path, step: int, model: torch.nn.Module, ema: dict, opt: torch.optim.Optimizer,
                     run_key: dict, keep: int) -> Path:
     """GEN/checkpoints/<step:07d>/: model, EMA and optimizer tensors (safetensors) + state.json."""
@@ -380,8 +381,6 @@ def save_checkpoint(out: Path, step: int, model: torch.nn.Module, ema: dict, opt
         save_file(opt_tensors, str(tmp / "optimizer.safetensors"))
         (tmp / "state.json").write_text(json.dumps({"step": step, "run": run_key, "optimizer": opt_meta}, indent=1))
     for old in checkpoint_dirs(out)[:-keep] if keep > 0 else []:
-        import shutil
-
         shutil.rmtree(old, ignore_errors=True)
     return final
 
@@ -423,12 +422,10 @@ def export_generator(out: Path, net_cfg: GeneratorConfig, ema: dict, data: ZooDa
             "num_samples": len(g.tokens),
             "bases": sorted({data.bases[int(b)]["id"] for b in g.base_index}),
         })
-    cond_tensors = {f"c_model.{gi}.{bi}": v.contiguous() for gi, g in enumerate(data.groups) for bi, v in g.c_model.items()}
-    buf = io.BytesIO()
     from safetensors.torch import save as save_bytes
 
-    buf.write(save_bytes(cond_tensors))
-    atomic_write_bytes(out / CONDITIONS_NAME, buf.getvalue())
+    cond_tensors = {f"c_model.{gi}.{bi}": v.contiguous() for gi, g in enumerate(data.groups) for bi, v in g.c_model.items()}
+    atomic_write_bytes(out / CONDITIONS_NAME, save_bytes(cond_tensors))
     atomic_write_bytes(out / WEIGHTS_NAME, save_bytes({k: v.detach().cpu().contiguous() for k, v in ema.items()}))
     from oral.conditions import text_hash
 
