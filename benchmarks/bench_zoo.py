@@ -5,8 +5,9 @@
     python benchmarks/bench_zoo.py --base tiny-llama --steps 20 --json
 
 Phase 1 times `--probe` single steps of the zoo's own loss (oral.zoo.target_loss: the LM head on
-target positions only) against a plain `model(..., labels=...)` step on the same batches, so the
-saving of the target-only head is visible. Phase 2 runs oral.zoo.train_lora end to end (base
+target positions only) on the packed batch the zoo trains on (oral.zoo.pack: one padding-free
+row) and on the right-padded batch, against a plain `model(..., labels=...)` step on the padded
+batch, so the savings of packing and of the target-only head are both visible. Phase 2 runs oral.zoo.train_lora end to end (base
 evaluation, `--steps` steps, `--keep` checkpoints written, final evaluation) into a temporary zoo.
 On a shared CPU every number is inflated by the other jobs: the load average is printed beside.
 """
@@ -22,19 +23,24 @@ import torch
 
 from oral.models import load_base
 from oral.tasks import get_task
-from oral.zoo import batch_indices, collate, encode_example, target_loss, train_lora
+from oral.zoo import batch_indices, collate, pack, encode_example, target_loss, train_lora
 
 
 def time_steps(model, tok, task, rank: int, targets: list[str], batch_size: int, probe: int) -> dict:
-    """Median seconds of a step with the target-only head and with the full-vocabulary head."""
+    """Median seconds of a step: packed and padded with the target-only head, padded with the full head."""
     from peft import LoraConfig, get_peft_model
 
     enc = [encode_example(tok, e.prompt, e.target, 256) for e in task.split("train")]
     pm = get_peft_model(model, LoraConfig(r=rank, lora_alpha=2 * rank, target_modules=targets))
     pm.train()
-    ours, plain = [], []
+    packed, ours, plain = [], [], []
     for step in range(1, probe + 2):
-        b = collate([enc[i] for i in batch_indices(len(enc), batch_size, step, 0)], tok.pad_token_id)
+        chosen = [enc[i] for i in batch_indices(len(enc), batch_size, step, 0)]
+        t = time.perf_counter()
+        target_loss(pm, pack(chosen)).backward()
+        t_packed = time.perf_counter() - t
+        pm.zero_grad(set_to_none=True)
+        b = collate(chosen, tok.pad_token_id)
         t = time.perf_counter()
         target_loss(pm, b).backward()
         t_ours = time.perf_counter() - t
@@ -44,10 +50,11 @@ def time_steps(model, tok, task, rank: int, targets: list[str], batch_size: int,
         t_plain = time.perf_counter() - t
         pm.zero_grad(set_to_none=True)
         if step > 1:  # the first step warms up allocators
+            packed.append(t_packed)
             ours.append(t_ours)
             plain.append(t_plain)
     pm.unload()
-    return {"step_s_target_head": statistics.median(ours), "step_s_full_head": statistics.median(plain)}
+    return {"step_s_packed": statistics.median(packed), "step_s_target_head": statistics.median(ours), "step_s_full_head": statistics.median(plain)}
 
 
 def main() -> None:

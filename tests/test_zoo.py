@@ -1,5 +1,6 @@
 """The LoRA zoo: training on target tokens, checkpoints PEFT loads, a manifest that survives kills."""
 
+import copy
 import json
 import os
 import signal
@@ -16,7 +17,7 @@ from oral.config import load_config
 from oral.io import read_jsonl
 from oral.zoo import (
     GridBlock, TrainConfig, Zoo, ZooConfig, ZooError, batch_indices, collate, encode_example,
-    grid_runs, lr_at, run_grid, run_id_for, shard, target_loss, train_lora,
+    grid_runs, lr_at, pack, run_grid, run_id_for, shard, target_loss, train_lora,
 )
 
 REPO = Path(__file__).resolve().parents[1]
@@ -113,6 +114,30 @@ def test_target_loss_equals_the_library_loss_with_prompt_labels_ignored(tiny):
         ours = target_loss(model, batch)
         ref = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], labels=labels).loss
     torch.testing.assert_close(ours, ref, rtol=1e-5, atol=1e-5)
+
+
+def test_packed_batch_gives_the_padded_batch_loss_and_gradients(tiny):
+    """One padding-free row with position resets == the right-padded batch: no example sees another."""
+    from peft import LoraConfig, get_peft_model
+
+    model, tok = tiny
+    model = copy.deepcopy(model)
+    encoded = [encode_example(tok, f"Text: example {i} {'word ' * (3 * i)}\nLabel:", [" yes", " no"][i % 2], 64)
+               for i in range(5)]
+    packed = pack(encoded)
+    assert packed["input_ids"].shape == (1, sum(len(ids) for ids, _ in encoded))
+    assert packed["input_ids"][packed["loss_mask"]].tolist() == [t for ids, n in encoded for t in ids[-n:]]
+    torch.manual_seed(0)
+    peft = get_peft_model(model, LoraConfig(r=2, lora_alpha=4, target_modules=["q_proj", "v_proj"], init_lora_weights=False))
+    grads = []
+    for batch in (collate(encoded, pad_id=tok.pad_token_id), packed):
+        peft.zero_grad()
+        loss = target_loss(peft, batch)
+        loss.backward()
+        grads.append((loss.detach(), [p.grad.clone() for p in peft.parameters() if p.requires_grad]))
+    torch.testing.assert_close(grads[0][0], grads[1][0], rtol=1e-5, atol=1e-5)
+    for a, b in zip(grads[0][1], grads[1][1]):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
 
 
 def test_run_id_is_stable_and_changes_with_what_shapes_the_weights():
