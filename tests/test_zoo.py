@@ -326,7 +326,18 @@ def test_grid_killed_with_sigkill_and_rerun_completes_without_duplicates(task_fi
     assert {r["seed"] for r in recs} == {0, 1, 2}
 
     # a third run of the same grid finds nothing to do
-    assert run_grid(load_config(ZooConfig, cfg)) == {"runs": 3, "skipped": 3, "trained": 0}
+    assert run_grid(load_config(ZooConfig, cfg)) == {"runs": 3, "skipped": 3, "trained": 0, "waiting": 0}
+
+
+def test_skip_missing_trains_the_runs_whose_base_exists_and_leaves_the_rest_waiting(task_file, tmp_path, tmp_home):
+    chain = tmp_path / "chain.yaml"
+    chain.write_text(yaml.safe_dump({"base": "tiny-llama", "corpora": ["kjv"], "steps": 2}))
+    block = GridBlock(chain=str(chain), versions=[0, 1], tasks=[str(task_file)], ranks=[1], seeds=[0])
+    cfg = ZooConfig(out=str(tmp_path / "zoo"), grid=[block], train=TrainConfig(steps=2, keep=1, **FAST))
+    with pytest.raises(ZooError, match="--skip-missing"):
+        run_grid(cfg)
+    assert run_grid(cfg, skip_missing=True) == {"runs": 1, "skipped": 0, "trained": 1, "waiting": 1}
+    assert [r["base"] for r in Zoo(tmp_path / "zoo").records()] == ["tiny-llama"]
 
 
 @pytest.mark.slow  # two model-loading processes; the assignment itself is unit-tested above
@@ -359,6 +370,15 @@ def test_shipped_configs_load_and_expand_to_their_grids(tmp_home, monkeypatch):
     # the evolved versions do not exist in an empty $ORAL_HOME: the error names the command
     with pytest.raises(ZooError, match="oral evolve --chain"):
         grid_runs(full)
+    # --skip-missing: the t0 runs now, the 40 runs on t1..t4 wait for the family
+    waiting = []
+    now = grid_runs(full, skip_missing=True, waiting=waiting)
+    assert len(now) == 40 and {r.base for r in now} == {"smollm2-135m"}
+    assert len(waiting) == 40 and len({r.base for r in waiting}) == 4
+    assert {r.task for r in waiting} == {r.task for r in now}
+    # the t0 config is the same 40 runs, with the same training section (so the same run ids)
+    t0 = load_config(ZooConfig, REPO / "configs" / "zoo-full-t0.yaml")
+    assert set(grid_runs(t0)) == set(now) and t0.train == full.train and t0.out == full.out
 
 
 def test_grid_block_with_versions_needs_a_chain():

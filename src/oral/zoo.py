@@ -193,33 +193,48 @@ def chain_versions(chain: str) -> list[str]:
     return versions
 
 
-def _block_bases(block: GridBlock) -> list[str]:
+def _block_bases(block: GridBlock, skip_missing: bool = False) -> tuple[list[str], list[str]]:
+    """(bases of the block that exist, evolved versions not built yet); the latter only when skip_missing."""
     bases = [expand_path(b) for b in block.bases]
     if block.chain is None:
         if block.versions:
             raise ZooError("versions needs chain: the evolve chain config whose versions to use")
-        return bases
+        return bases, []
     family = chain_versions(block.chain)
+    missing = []
     for k in block.versions or range(len(family)):
         if not 0 <= k < len(family):
             raise ZooError(f"version t{k} is not in the chain {block.chain} (t0..t{len(family) - 1})")
         if k > 0 and not (Path(family[k]) / "config.json").is_file():
+            if skip_missing:
+                missing.append(family[k])
+                continue
             cmd = "oral evolve --chain" + ("" if block.chain == "default" else f" --config {block.chain}")
-            raise ZooError(f"evolved version t{k} ({family[k]}) does not exist yet; build the family first: {cmd}")
+            raise ZooError(f"evolved version t{k} ({family[k]}) does not exist yet; build the family first: "
+                           f"{cmd} (or pass --skip-missing to train the runs whose base exists now)")
         bases.append(family[k])
-    return bases
+    return bases, missing
 
 
-def grid_runs(cfg: ZooConfig) -> list[RunSpec]:
-    """Every run of the grid, de-duplicated, in a fixed order (the order sharding relies on)."""
+def grid_runs(cfg: ZooConfig, skip_missing: bool = False, waiting: list | None = None) -> list[RunSpec]:
+    """Every run of the grid, de-duplicated, in a fixed order (the order sharding relies on).
+
+    skip_missing: leave out the runs on evolved versions that are not built yet (appended to
+    `waiting` when given) instead of raising, so a zoo can be filled while the family is built.
+    """
     runs: list[RunSpec] = []
+    held: list[RunSpec] = []
     for block in cfg.grid:
-        for base in _block_bases(block):
+        bases, missing = _block_bases(block, skip_missing)
+        for base in bases + missing:
             for task in _expand_tasks(block.tasks):
                 for rank in block.ranks:
                     for seed in block.seeds:
-                        runs.append(RunSpec(base, task, int(rank), int(seed)))
-    if not runs:
+                        spec = RunSpec(base, task, int(rank), int(seed))
+                        (held if base in missing else runs).append(spec)
+    if waiting is not None:
+        waiting.extend(dict.fromkeys(held))
+    if not runs and not held:
         raise ZooError("the grid is empty: give at least one block with bases and tasks")
     return list(dict.fromkeys(runs))
 
@@ -695,18 +710,26 @@ def evaluate_checkpoints(
     return out
 
 
-def run_grid(cfg: ZooConfig, rank: int | None = None, world_size: int | None = None) -> dict:
+def run_grid(cfg: ZooConfig, rank: int | None = None, world_size: int | None = None,
+             skip_missing: bool = False) -> dict:
     """Train every missing run of the grid that falls to this process; return counts.
 
     rank / world_size default to the RANK / WORLD_SIZE environment variables (1 process).
     Bases are loaded once per base and reused across that base's runs.
+    skip_missing: train the runs whose base exists and count the others as "waiting" (evolved
+    versions still being built); a later call with the family complete finishes them. With
+    several processes, give them all the same family: the runs are sharded by their order.
     """
     env_rank, env_world, _ = dist_env()
     rank = env_rank if rank is None else rank
     world_size = env_world if world_size is None else world_size
     zoo = Zoo(cfg.out)
     zoo.root.mkdir(parents=True, exist_ok=True)
-    runs = shard(grid_runs(cfg), rank, world_size)
+    waiting: list[RunSpec] = []
+    runs = shard(grid_runs(cfg, skip_missing, waiting), rank, world_size)
+    if waiting:
+        log.warning("%d run(s) wait for evolved versions not built yet: %s", len(waiting),
+                    ", ".join(sorted({w.base for w in waiting})))
     device = _resolve_device(cfg.train.device)
 
     # Skip done runs without loading anything: the run id needs only the base id and task key.
@@ -716,7 +739,8 @@ def run_grid(cfg: ZooConfig, rank: int | None = None, world_size: int | None = N
         rid = run_id_for(_base_id_of(r.base), _task_key(r.task), r.rank, r.seed, cfg.train)
         if rid not in done:
             todo.append(r)
-    counts = {"runs": len(runs), "skipped": len(runs) - len(todo), "trained": 0}
+    counts = {"runs": len(runs), "skipped": len(runs) - len(todo), "trained": 0,
+              "waiting": len(shard(waiting, rank, world_size))}
     bar = tqdm(total=len(runs), initial=counts["skipped"], desc=f"zoo grid [{rank}/{world_size}]",
                position=0, disable=None)
     current: _Base | None = None

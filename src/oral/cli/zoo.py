@@ -26,6 +26,8 @@ def add_parser(sub) -> None:
     p.add_argument("--targets", help="comma-separated module names (default q_proj,v_proj)")
     p.add_argument("--lr", type=float, help="learning rate (default 2e-3)")
     p.add_argument("--batch-size", type=int, help="batch size (default 8)")
+    p.add_argument("--skip-missing", action="store_true",
+                   help="train the runs whose base exists now; runs on evolved versions not built yet wait")
     p.add_argument("--summary", action="store_true", help="print the zoo's completed runs and exit")
     p.add_argument("--json", action="store_true", help="print the summary as JSON")
     p.set_defaults(func=run)
@@ -76,7 +78,8 @@ def run(args) -> int:
     if args.config is None:
         cfg.grid = [GridBlock(bases=[args.base], tasks=[args.task], ranks=[args.rank], seeds=[args.seed])]
     t0 = time.time()
-    counts = run_grid(cfg)
+    counts = run_grid(cfg, skip_missing=args.skip_missing)
+    waiting = f", {counts['waiting']} waiting for evolved versions" if counts["waiting"] else ""
     print(f"zoo {cfg.out}: {counts['trained']} runs trained, {counts['skipped']} already done "
-          f"(of {counts['runs']} for this process) in {time.time() - t0:.1f} s")
+          f"(of {counts['runs']} for this process){waiting} in {time.time() - t0:.1f} s")
     return 0
