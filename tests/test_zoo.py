@@ -396,6 +396,25 @@ def test_cli_without_a_run_or_config_says_what_to_give(capsys):
     assert main(["zoo", "--config", "configs/zoo-tiny.yaml", "--base", "tiny-llama"]) == 2
 
 
+
+def test_cli_evaluate_scores_the_chosen_kept_checkpoints(tiny, task_file, tmp_path, capsys):
+    from oral.cli import main
+
+    model, tok = tiny
+    train_lora(copy.deepcopy(model), task_file, rank=2, steps=4, keep=3, out_dir=tmp_path / "zoo",
+               tokenizer=tok, **FAST)
+    out = tmp_path / "spread.json"
+    assert main(["zoo", "--evaluate", "--out", str(tmp_path / "zoo"), "--where", "step=3",
+                 "--limit", "8", "--json-out", str(out)]) == 0
+    rows = json.loads(out.read_text())
+    assert [r["step"] for r in rows] == [3] and rows[0]["eval"]["n"] == 8
+    assert 0.0 <= rows[0]["eval"]["value"] <= 1.0
+    assert main(["zoo", "--evaluate", "--out", str(tmp_path / "zoo"), "--where", "step=99"]) == 2
+    assert "matches" in capsys.readouterr().err
+    assert main(["zoo", "--evaluate", "--out", str(tmp_path / "zoo"), "--where", "step"]) == 2
+    assert "KEY=VALUE" in capsys.readouterr().err
+
+
 # -----------------------------------------------------------------------------
 # Slow: the real model beats its base
 

@@ -677,6 +677,7 @@ def train_lora(
     the final checkpoint. A run already done in that zoo is not trained again.
     """
     train = TrainConfig(steps=steps, keep=keep, **train_kwargs)
+    task = str(task) if isinstance(task, Path) else task
     device = _resolve_device(train.device)
     b = _as_base(base, tokenizer, device)
     t = _get_task(task)

@@ -29,6 +29,14 @@ def add_parser(sub) -> None:
     p.add_argument("--skip-missing", action="store_true",
                    help="train the runs whose base exists now; runs on evolved versions not built yet wait")
     p.add_argument("--summary", action="store_true", help="print the zoo's completed runs and exit")
+    p.add_argument("--evaluate", action="store_true",
+                   help="score the kept checkpoints of completed runs (the spread within each run) and exit")
+    p.add_argument("--where", action="append", default=[], metavar="KEY=VALUE",
+                   help="with --evaluate: only records with this manifest field value (repeatable), "
+                        "e.g. --where task=movie-sentiment --where step=51")
+    p.add_argument("--limit", type=int, help="with --evaluate: examples per checkpoint (default: the whole split)")
+    p.add_argument("--split", default="validation", help="with --evaluate: the split scored (default validation)")
+    p.add_argument("--json-out", help="with --evaluate: also write every score to this JSON file")
     p.add_argument("--json", action="store_true", help="print the summary as JSON")
     p.set_defaults(func=run)
 
@@ -53,6 +61,42 @@ def _print_summary(zoo_dir: str, as_json: bool) -> None:
               f"{r['wall_s'] or 0:>7.1f}")
 
 
+def _filters(where: list[str]) -> dict:
+    from oral.zoo import ZooError
+
+    out = {}
+    for item in where:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise ZooError(f"--where takes KEY=VALUE (e.g. step=51), got {item!r}")
+        out[key] = int(value) if value.lstrip("-").isdigit() else value
+    return out
+
+
+def _evaluate(args) -> None:
+    from oral.io import atomic_write_text
+    from oral.zoo import Zoo, ZooError, evaluate_checkpoints
+
+    zoo = Zoo(args.out)
+    records = zoo.records(**_filters(args.where))
+    if not records:
+        raise ZooError(f"no completed checkpoint in {args.out} matches {args.where or 'anything'}")
+    rows = evaluate_checkpoints(zoo, records, split=args.split, limit=args.limit)
+    by_run: dict[str, list[dict]] = {}
+    for r in rows:
+        by_run.setdefault(r["run_id"], []).append(r)
+    print(f"{'run':<48} {'steps':>11} {'min':>6} {'max':>6} {'final':>6}")
+    for run_id, recs in by_run.items():
+        vals = [r["eval"]["value"] for r in recs]
+        steps = sorted(r["step"] for r in recs)
+        final = next((r["eval"]["value"] for r in recs if r.get("final")), None)
+        print(f"{run_id[-48:]:<48} {f'{steps[0]}-{steps[-1]}':>11} {min(vals):>6.3f} {max(vals):>6.3f} "
+              f"{'-' if final is None else f'{final:.3f}':>6}")
+    if args.json_out:
+        keep = ("run_id", "base", "task", "rank", "seed", "step", "final", "path", "eval")
+        atomic_write_text(args.json_out, json.dumps([{k: r.get(k) for k in keep} for r in rows], indent=1))
+
+
 def run(args) -> int:
     import time
 
@@ -63,6 +107,11 @@ def run(args) -> int:
         if not args.out:
             raise ZooError("--summary needs --out ZOO")
         _print_summary(args.out, args.json)
+        return 0
+    if args.evaluate:
+        if not args.out:
+            raise ZooError("--evaluate needs --out ZOO")
+        _evaluate(args)
         return 0
     overrides = list(args.overrides)
     if args.config is None:
