@@ -370,11 +370,12 @@ def test_shipped_configs_load_and_expand_to_their_grids(tmp_home, monkeypatch):
     # the evolved versions do not exist in an empty $ORAL_HOME: the error names the command
     with pytest.raises(ZooError, match="oral evolve --chain"):
         grid_runs(full)
-    # --skip-missing: the t0 runs now, the 40 runs on t1..t4 wait for the family
+    # --skip-missing: the t0 runs (4 per task: r=4 and the rank study) now; t1..t4 wait
+    n_tasks = len({r.task for b in full.grid for r in grid_runs(ZooConfig(grid=[GridBlock(bases=["x"], tasks=b.tasks)]))})
     waiting = []
     now = grid_runs(full, skip_missing=True, waiting=waiting)
-    assert len(now) == 40 and {r.base for r in now} == {"smollm2-135m"}
-    assert len(waiting) == 40 and len({r.base for r in waiting}) == 4
+    assert len(now) == 4 * n_tasks and {r.base for r in now} == {"smollm2-135m"}
+    assert len(waiting) == 4 * n_tasks and len({r.base for r in waiting}) == 4
     assert {r.task for r in waiting} == {r.task for r in now}
     # the t0 config is the same 40 runs, with the same training section (so the same run ids)
     t0 = load_config(ZooConfig, REPO / "configs" / "zoo-full-t0.yaml")
