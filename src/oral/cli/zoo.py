@@ -32,8 +32,8 @@ def add_parser(sub) -> None:
     p.add_argument("--evaluate", action="store_true",
                    help="score the kept checkpoints of completed runs (the spread within each run) and exit")
     p.add_argument("--where", action="append", default=[], metavar="KEY=VALUE",
-                   help="with --evaluate: only records with this manifest field value (repeatable), "
-                        "e.g. --where task=movie-sentiment --where step=51")
+                   help="with --evaluate: only records whose manifest field has this value, or one of "
+                        "comma-separated values (repeatable), e.g. --where task=movie-sentiment --where step=51,55")
     p.add_argument("--limit", type=int, help="with --evaluate: examples per checkpoint (default: the whole split)")
     p.add_argument("--split", default="validation", help="with --evaluate: the split scored (default validation)")
     p.add_argument("--json-out", help="with --evaluate: also write every score to this JSON file")
@@ -61,15 +61,16 @@ def _print_summary(zoo_dir: str, as_json: bool) -> None:
               f"{r['wall_s'] or 0:>7.1f}")
 
 
-def _filters(where: list[str]) -> dict:
+def _filters(where: list[str]) -> dict[str, set]:
+    """--where KEY=V1,V2 -> {KEY: {V1, V2}} (integers where they look like integers)."""
     from oral.zoo import ZooError
 
     out = {}
     for item in where:
         key, sep, value = item.partition("=")
-        if not sep or not key:
-            raise ZooError(f"--where takes KEY=VALUE (e.g. step=51), got {item!r}")
-        out[key] = int(value) if value.lstrip("-").isdigit() else value
+        if not sep or not key or not value:
+            raise ZooError(f"--where takes KEY=VALUE[,VALUE...] (e.g. step=51,55), got {item!r}")
+        out[key] = {int(v) if v.lstrip("-").isdigit() else v for v in value.split(",")}
     return out
 
 
@@ -78,7 +79,8 @@ def _evaluate(args) -> None:
     from oral.zoo import Zoo, ZooError, evaluate_checkpoints
 
     zoo = Zoo(args.out)
-    records = zoo.records(**_filters(args.where))
+    wanted = _filters(args.where)
+    records = [r for r in zoo.records() if all(r.get(k) in vs for k, vs in wanted.items())]
     if not records:
         raise ZooError(f"no completed checkpoint in {args.out} matches {args.where or 'anything'}")
     rows = evaluate_checkpoints(zoo, records, split=args.split, limit=args.limit)
