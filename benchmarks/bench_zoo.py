@@ -7,9 +7,9 @@
 Phase 1 times `--probe` single steps of the zoo's own loss (oral.zoo.target_loss: the LM head on
 target positions only) on the packed batch the zoo trains on (oral.zoo.pack: one padding-free
 row) and on the right-padded batch, against a plain `model(..., labels=...)` step on the padded
-batch, so the savings of packing and of the target-only head are both visible. Phase 2 runs oral.zoo.train_lora end to end (base
-evaluation, `--steps` steps, `--keep` checkpoints written, final evaluation) into a temporary zoo.
-On a shared CPU every number is inflated by the other jobs: the load average is printed beside.
+batch, so the savings of packing and of the target-only head are both visible. Phase 2 runs
+oral.zoo.train_lora end to end (base evaluation, `--steps` steps, `--keep` checkpoints written,
+final evaluation) into a temporary zoo. On a shared CPU every number is inflated by the other jobs: the load average is printed beside.
 """
 
 import argparse
@@ -23,7 +23,7 @@ import torch
 
 from oral.models import load_base
 from oral.tasks import get_task
-from oral.zoo import batch_indices, collate, pack, encode_example, target_loss, train_lora
+from oral.zoo import batch_indices, collate, encode_example, pack, target_loss, train_lora
 
 
 def time_steps(model, tok, task, rank: int, targets: list[str], batch_size: int, probe: int) -> dict:
@@ -54,7 +54,8 @@ def time_steps(model, tok, task, rank: int, targets: list[str], batch_size: int,
             ours.append(t_ours)
             plain.append(t_plain)
     pm.unload()
-    return {"step_s_packed": statistics.median(packed), "step_s_target_head": statistics.median(ours), "step_s_full_head": statistics.median(plain)}
+    return {"step_s_packed": statistics.median(packed), "step_s_target_head": statistics.median(ours),
+            "step_s_full_head": statistics.median(plain)}
 
 
 def main() -> None:

@@ -34,6 +34,7 @@ from typing import TYPE_CHECKING
 
 import torch
 from safetensors.torch import load_file, save_file
+from safetensors.torch import save as save_bytes
 from tqdm.auto import tqdm
 
 from oral.conditions import ConditionConfig, ConditionEncoder
@@ -422,8 +423,6 @@ def export_generator(out: Path, net_cfg: GeneratorConfig, ema: dict, data: ZooDa
             "num_samples": len(g.tokens),
             "bases": sorted({data.bases[int(b)]["id"] for b in g.base_index}),
         })
-    from safetensors.torch import save as save_bytes
-
     cond_tensors = {f"c_model.{gi}.{bi}": v.contiguous() for gi, g in enumerate(data.groups) for bi, v in g.c_model.items()}
     atomic_write_bytes(out / CONDITIONS_NAME, save_bytes(cond_tensors))
     atomic_write_bytes(out / WEIGHTS_NAME, save_bytes({k: v.detach().cpu().contiguous() for k, v in ema.items()}))

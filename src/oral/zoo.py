@@ -302,13 +302,17 @@ class Zoo:
         return {r["run_id"] for r in self.all_records() if r.get("final")}
 
     def records(self, complete_only: bool = True, **filters: Any) -> list[dict]:
-        """Checkpoint records matching every `key=value` filter (of completed runs by default)."""
+        """Checkpoint records matching every `key=value` filter (of completed runs by default).
+
+        A set value matches any of its members (e.g. step={51, 55}).
+        """
         recs = self.all_records()
         if complete_only:
             done = {r["run_id"] for r in recs if r.get("final")}
             recs = [r for r in recs if r["run_id"] in done]
         for key, want in filters.items():
-            recs = [r for r in recs if r.get(key) == want]
+            wanted = want if isinstance(want, (set, frozenset)) else {want}
+            recs = [r for r in recs if r.get(key) in wanted]
         return recs
 
     def runs(self, **filters: Any) -> dict[str, list[dict]]:

@@ -79,8 +79,7 @@ def _evaluate(args) -> None:
     from oral.zoo import Zoo, ZooError, evaluate_checkpoints
 
     zoo = Zoo(args.out)
-    wanted = _filters(args.where)
-    records = [r for r in zoo.records() if all(r.get(k) in vs for k, vs in wanted.items())]
+    records = zoo.records(**_filters(args.where))
     if not records:
         raise ZooError(f"no completed checkpoint in {args.out} matches {args.where or 'anything'}")
     rows = evaluate_checkpoints(zoo, records, split=args.split, limit=args.limit)
