@@ -416,6 +416,48 @@ def test_cli_evaluate_scores_the_chosen_kept_checkpoints(tiny, task_file, tmp_pa
     assert "KEY=VALUE" in capsys.readouterr().err
 
 
+def _fake_run(zoo: Zoo, task: str, rank: int, version: int, base_v: float, final_v: float) -> None:
+    """Record one finished run (a final checkpoint dir and its manifest record) without training."""
+    from oral.io import append_jsonl
+
+    run_id = f"v{version}_{task}_r{rank}"
+    (zoo.root / "runs" / run_id / "step-00010").mkdir(parents=True)
+    lineage = [{"corpus": f"c{k}", "parent": "root" if k == 0 else f"v{k}"} for k in range(version)]
+    append_jsonl(zoo.manifest, {
+        "run_id": run_id, "base": f"v{version}", "lineage": lineage, "task": task, "rank": rank,
+        "seed": 0, "step": 10, "final": True, "path": f"runs/{run_id}/step-00010",
+        "val_metric": {"metric": "accuracy", "value": final_v, "n": 8},
+        "base_val_metric": {"metric": "accuracy", "value": base_v, "n": 8}})
+
+
+def test_summary_tables_put_versions_and_ranks_side_by_side(tmp_path, capsys):
+    from oral.cli import main
+    from oral.zoo import summary_table
+
+    zoo = Zoo(tmp_path / "zoo")
+    _fake_run(zoo, "sms-spam", 4, 0, 0.25, 0.75)
+    _fake_run(zoo, "movie-sentiment", 4, 0, 0.5, 0.875)
+    _fake_run(zoo, "movie-sentiment", 4, 1, 0.375, 1.0)
+    _fake_run(zoo, "movie-sentiment", 8, 0, 0.5, 0.625)
+
+    rows = zoo.summary(rank=4)
+    assert {(r["task"], r["version"]) for r in rows} == {("sms-spam", 0), ("movie-sentiment", 0),
+                                                         ("movie-sentiment", 1)}
+    assert summary_table(rows, by="version").splitlines() == [
+        "| task | t0 base | t0 final | t1 base | t1 final |", "|---|---|---|---|---|",
+        "| movie-sentiment | 0.500 | 0.875 | 0.375 | 1.000 |",  # tasks in the registry's order
+        "| sms-spam | 0.250 | 0.750 |  |  |"]
+    assert summary_table(zoo.summary(version=0), by="rank").splitlines()[2] == (
+        "| movie-sentiment | 0.500 | 0.875 | 0.625 |")
+    with pytest.raises(ZooError, match="several runs for rank 4.*--where version="):
+        summary_table(zoo.summary(), by="rank")  # movie r=4 on t0 and on t1 collide
+
+    assert main(["zoo", "--summary", "--out", str(zoo.root), "--table", "rank", "--where", "version=0"]) == 0
+    assert "| task | base | r=4 | r=8 |" in capsys.readouterr().out
+    assert main(["zoo", "--summary", "--out", str(zoo.root), "--table", "version", "--where", "rank=2"]) == 2
+    assert "no completed run" in capsys.readouterr().err
+
+
 # -----------------------------------------------------------------------------
 # Slow: the real model beats its base
 

@@ -325,15 +325,19 @@ class Zoo:
     def path(self, record: dict) -> Path:
         return self.root / record["path"]
 
-    def summary(self) -> list[dict]:
-        """One row per completed run: base, task, rank, seed, steps, base and final metric, wall time."""
+    def summary(self, **filters: Any) -> list[dict]:
+        """One row per completed run: base, version, task, rank, seed, steps, base and final metric,
+        wall time. `filters` select rows by any of those keys (a set value matches any member)."""
         rows = []
         for run_id, recs in sorted(self.runs().items()):
             final = next(r for r in recs if r.get("final"))
             vals = [r["val_metric"]["value"] for r in recs if r.get("val_metric")]
+            lineage = final.get("lineage") or []
             rows.append({
                 "run_id": run_id,
                 "base": final["base"],
+                "version": len(lineage),  # t0 = the root model, tk = k continued-pretraining links
+                "root": lineage[0]["parent"] if lineage else final["base"],
                 "task": final["task"],
                 "rank": final["rank"],
                 "seed": final["seed"],
@@ -346,7 +350,54 @@ class Zoo:
                 "ckpt_max": max(vals) if len(vals) > 1 else None,
                 "wall_s": final.get("wall_s"),
             })
+        for key, want in filters.items():
+            wanted = want if isinstance(want, (set, frozenset)) else {want}
+            rows = [r for r in rows if r.get(key) in wanted]
         return rows
+
+
+def summary_table(rows: list[dict], by: str) -> str:
+    """A markdown table of summary rows: one line per task, one column group per version or rank.
+
+    by="version": the base and final score of each evolved version (t0, t1, ...) side by side.
+    by="rank": the base score, then the final score of each rank.
+    Each (task, column) must hold one run: narrow the rows first (Zoo.summary(rank=4, seed=0)).
+    """
+    if by not in ("version", "rank"):
+        raise ZooError(f"a summary table goes by 'version' or 'rank', not {by!r}")
+    if not rows:
+        raise ZooError("no completed run to tabulate: check the zoo path and the filters")
+    other = "rank" if by == "version" else "version"
+    cells: dict[tuple[str, int], dict] = {}
+    for r in rows:
+        key = (r["task"], r[by])
+        if key in cells:
+            raise ZooError(
+                f"{r['task']} has several runs for {by} {r[by]} (differing in {other}, seed or root): "
+                f"narrow the rows, e.g. --where {other}={r[other]} --where seed={r['seed']}")
+        cells[key] = r
+    from oral import tasks as tasks_mod
+
+    known = tasks_mod.list_tasks()
+    tasks = sorted({t for t, _ in cells}, key=lambda t: (known.index(t) if t in known else len(known), t))
+    cols = sorted({c for _, c in cells})
+
+    def f(r: dict | None, field: str) -> str:
+        return "" if r is None or r.get(field) is None else f"{r[field]:.3f}"
+
+    if by == "version":
+        head = ["task"] + [f"t{c} {w}" for c in cols for w in ("base", "final")]
+        lines = [[t] + [f(cells.get((t, c)), k) for c in cols for k in ("base_metric", "final_metric")]
+                 for t in tasks]
+    else:
+        head = ["task", "base"] + [f"r={c}" for c in cols]
+        lines = []
+        for t in tasks:
+            first = next(cells[(t, c)] for c in cols if (t, c) in cells)
+            lines.append([t, f(first, "base_metric")] + [f(cells.get((t, c)), "final_metric") for c in cols])
+    out = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    out += ["| " + " | ".join(line) + " |" for line in lines]
+    return "\n".join(out)
 
 
 @contextlib.contextmanager

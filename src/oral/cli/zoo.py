@@ -32,21 +32,28 @@ def add_parser(sub) -> None:
     p.add_argument("--evaluate", action="store_true",
                    help="score the kept checkpoints of completed runs (the spread within each run) and exit")
     p.add_argument("--where", action="append", default=[], metavar="KEY=VALUE",
-                   help="with --evaluate: only records whose manifest field has this value, or one of "
-                        "comma-separated values (repeatable), e.g. --where task=movie-sentiment --where step=51,55")
+                   help="with --evaluate or --summary: only records whose field has this value, or one of "
+                        "comma-separated values (repeatable), e.g. --where task=movie-sentiment --where step=51,55; "
+                        "--summary also knows version (0 = the root model, k = its k-th evolved version)")
     p.add_argument("--limit", type=int, help="with --evaluate: examples per checkpoint (default: the whole split)")
     p.add_argument("--split", default="validation", help="with --evaluate: the split scored (default validation)")
     p.add_argument("--json-out", help="with --evaluate: also write every score to this JSON file")
     p.add_argument("--json", action="store_true", help="print the summary as JSON")
+    p.add_argument("--table", choices=["version", "rank"],
+                   help="with --summary: a markdown table, one line per task and columns per evolved version "
+                        "(base and final score) or per rank; narrow it with --where (e.g. rank=4, version=0)")
     p.set_defaults(func=run)
 
 
-def _print_summary(zoo_dir: str, as_json: bool) -> None:
-    from oral.zoo import Zoo
+def _print_summary(zoo_dir: str, as_json: bool, where: list[str], table: str | None) -> None:
+    from oral.zoo import Zoo, summary_table
 
-    rows = Zoo(zoo_dir).summary()
+    rows = Zoo(zoo_dir).summary(**_filters(where))
     if as_json:
         print(json.dumps(rows, indent=2))
+        return
+    if table:
+        print(summary_table(rows, by=table))
         return
 
     def f(v):
@@ -107,7 +114,7 @@ def run(args) -> int:
     if args.summary:
         if not args.out:
             raise ZooError("--summary needs --out ZOO")
-        _print_summary(args.out, args.json)
+        _print_summary(args.out, args.json, args.where, args.table)
         return 0
     if args.evaluate:
         if not args.out:
