@@ -37,6 +37,12 @@ def main(argv: list[str] | None = None) -> int:
         # Our error types derive from ValueError and carry a message that names the fix.
         print(f"oral {args.command}: error: {e}", file=sys.stderr)
         return 2
+    except BrokenPipeError:
+        # the reader went away (`oral zoo --summary | head`): stop quietly, as other tools do
+        import os
+
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
 
 
 if __name__ == "__main__":

@@ -59,11 +59,12 @@ def _print_summary(zoo_dir: str, as_json: bool, where: list[str], table: str | N
     def f(v):
         return "-" if v is None else f"{v:.3f}"
 
-    print(f"{'base':<16} {'task':<18} {'r':>2} {'seed':>4} {'steps':>5} {'ckpts':>5} "
+    print(f"{'v':<2} {'base':<24} {'task':<18} {'r':>2} {'seed':>4} {'steps':>5} {'ckpts':>5} "
           f"{'base':>6} {'final':>6} {'ckpt min-max':>13} {'wall_s':>7}")
     for r in rows:
         spread = "-" if r["ckpt_min"] is None else f"{r['ckpt_min']:.3f}-{r['ckpt_max']:.3f}"
-        print(f"{r['base'][-16:]:<16} {r['task']:<18} {r['rank']:>2} {r['seed']:>4} {r['steps']:>5} "
+        name = r["base"].rstrip("/").rsplit("/", 1)[-1]
+        print(f"t{r['version']:<1} {name[:24]:<24} {r['task']:<18} {r['rank']:>2} {r['seed']:>4} {r['steps']:>5} "
               f"{r['checkpoints']:>5} {f(r['base_metric']):>6} {f(r['final_metric']):>6} {spread:>13} "
               f"{r['wall_s'] or 0:>7.1f}")
 
