@@ -326,7 +326,8 @@ def test_grid_killed_with_sigkill_and_rerun_completes_without_duplicates(task_fi
     assert {r["seed"] for r in recs} == {0, 1, 2}
 
     # a third run of the same grid finds nothing to do
-    assert run_grid(load_config(ZooConfig, cfg)) == {"runs": 3, "skipped": 3, "trained": 0, "waiting": 0}
+    assert run_grid(load_config(ZooConfig, cfg)) == {"runs": 3, "skipped": 3, "trained": 0, "busy": 0,
+                                                       "waiting": 0}
 
 
 def test_skip_missing_trains_the_runs_whose_base_exists_and_leaves_the_rest_waiting(task_file, tmp_path, tmp_home):
@@ -336,8 +337,24 @@ def test_skip_missing_trains_the_runs_whose_base_exists_and_leaves_the_rest_wait
     cfg = ZooConfig(out=str(tmp_path / "zoo"), grid=[block], train=TrainConfig(steps=2, keep=1, **FAST))
     with pytest.raises(ZooError, match="--skip-missing"):
         run_grid(cfg)
-    assert run_grid(cfg, skip_missing=True) == {"runs": 1, "skipped": 0, "trained": 1, "waiting": 1}
+    assert run_grid(cfg, skip_missing=True) == {"runs": 1, "skipped": 0, "trained": 1, "busy": 0, "waiting": 1}
     assert [r["base"] for r in Zoo(tmp_path / "zoo").records()] == ["tiny-llama"]
+
+
+def test_a_run_locked_by_another_process_is_left_to_it_and_counted_as_busy(task_file, tmp_path):
+    import fcntl
+
+    train = TrainConfig(steps=2, keep=1, **FAST)
+    cfg = ZooConfig(out=str(tmp_path / "zoo"), train=train, grid=[
+        GridBlock(bases=["tiny-llama"], tasks=[str(task_file)], ranks=[1], seeds=[0, 1])])
+    locked = run_id_for("tiny-llama", str(task_file.resolve()), 1, 1, train)
+    lock = tmp_path / "zoo" / "locks" / f"{locked}.lock"
+    lock.parent.mkdir(parents=True)
+    with open(lock, "w") as f:  # what a second `oral zoo` on the same zoo holds while training seed 1
+        fcntl.flock(f.fileno(), fcntl.LOCK_EX)
+        assert run_grid(cfg) == {"runs": 2, "skipped": 0, "trained": 1, "busy": 1, "waiting": 0}
+    assert [r["seed"] for r in Zoo(tmp_path / "zoo").records()] == [0]
+    assert run_grid(cfg)["trained"] == 1  # released: the next command trains it
 
 
 @pytest.mark.slow  # two model-loading processes; the assignment itself is unit-tested above

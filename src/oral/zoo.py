@@ -599,18 +599,22 @@ def _evaluate(model, tok, task, train: TrainConfig) -> dict:
 
 
 def _run(base: _Base, task, task_key: str, rank: int, seed: int, train: TrainConfig, zoo: Zoo,
-         device: torch.device, worker: int = 0, position: int = 1) -> tuple[str, list[Path]]:
-    """Train one run (or finish a partial one) into `zoo`; return (run_id, kept checkpoint dirs)."""
+         device: torch.device, worker: int = 0, position: int = 1) -> tuple[str, list[Path], str]:
+    """Train one run (or finish a partial one) into `zoo`.
+
+    Returns (run_id, kept checkpoint dirs, outcome): outcome is "trained", "done" (finished
+    earlier, nothing trained) or "busy" (another process holds the run; nothing kept here).
+    """
     from peft import LoraConfig, get_peft_model
 
     run_id = run_id_for(base.base_id, task_key, rank, seed, train)
     with _try_lock(zoo.root / "locks" / f"{run_id}.lock") as locked:
         if not locked:
             log.info("run %s is being trained by another process; skipped", run_id)
-            return run_id, []
+            return run_id, [], "busy"
         recorded = {r["step"]: r for r in zoo.all_records() if r["run_id"] == run_id}
         if any(r.get("final") for r in recorded.values()):
-            return run_id, [zoo.path(r) for r in sorted(recorded.values(), key=lambda r: r["step"])]
+            return run_id, [zoo.path(r) for r in sorted(recorded.values(), key=lambda r: r["step"])], "done"
         _clean_run_dir(zoo, run_id, set(recorded))
         if recorded:
             log.info("run %s: %d checkpoints recorded but no final one; training again from step 0",
@@ -703,7 +707,7 @@ def _run(base: _Base, task, task_key: str, rank: int, seed: int, train: TrainCon
             base.model = model.unload()
             base.model.requires_grad_(False)
             base.model.eval()
-    return run_id, kept
+    return run_id, kept, "trained"
 
 
 # -----------------------------------------------------------------------------
@@ -736,7 +740,7 @@ def train_lora(
     device = _resolve_device(train.device)
     b = _as_base(base, tokenizer, device)
     t = _get_task(task)
-    _, kept = _run(b, t, _task_key(task), rank, seed, train, Zoo(out_dir), device, position=0)
+    _, kept, _ = _run(b, t, _task_key(task), rank, seed, train, Zoo(out_dir), device, position=0)
     return kept
 
 
@@ -795,7 +799,7 @@ def run_grid(cfg: ZooConfig, rank: int | None = None, world_size: int | None = N
         rid = run_id_for(_base_id_of(r.base), _task_key(r.task), r.rank, r.seed, cfg.train)
         if rid not in done:
             todo.append(r)
-    counts = {"runs": len(runs), "skipped": len(runs) - len(todo), "trained": 0,
+    counts = {"runs": len(runs), "skipped": len(runs) - len(todo), "trained": 0, "busy": 0,
               "waiting": len(shard(waiting, rank, world_size))}
     bar = tqdm(total=len(runs), initial=counts["skipped"], desc=f"zoo grid [{rank}/{world_size}]",
                position=0, disable=None)
@@ -805,9 +809,9 @@ def run_grid(cfg: ZooConfig, rank: int | None = None, world_size: int | None = N
             current = None  # free the previous base before loading the next
             current = _as_base(r.base, device=device)
         task = _get_task(r.task)
-        _run(current, task, _task_key(r.task), r.rank, r.seed, cfg.train, zoo, device,
-             worker=rank, position=1)
-        counts["trained"] += 1
+        _, _, outcome = _run(current, task, _task_key(r.task), r.rank, r.seed, cfg.train, zoo, device,
+                             worker=rank, position=1)
+        counts[{"trained": "trained", "done": "skipped", "busy": "busy"}[outcome]] += 1
         bar.update(1)
     bar.close()
     return counts

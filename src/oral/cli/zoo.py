@@ -138,6 +138,7 @@ def run(args) -> int:
     t0 = time.time()
     counts = run_grid(cfg, skip_missing=args.skip_missing)
     waiting = f", {counts['waiting']} waiting for evolved versions" if counts["waiting"] else ""
-    print(f"zoo {cfg.out}: {counts['trained']} runs trained, {counts['skipped']} already done "
+    busy = f", {counts['busy']} left to another process" if counts["busy"] else ""
+    print(f"zoo {cfg.out}: {counts['trained']} runs trained, {counts['skipped']} already done{busy} "
           f"(of {counts['runs']} for this process){waiting} in {time.time() - t0:.1f} s")
     return 0
