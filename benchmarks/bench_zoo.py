@@ -9,7 +9,8 @@ target positions only) on the packed batch the zoo trains on (oral.zoo.pack: one
 row) and on the right-padded batch, against a plain `model(..., labels=...)` step on the padded
 batch, so the savings of packing and of the target-only head are both visible. Phase 2 runs
 oral.zoo.train_lora end to end (base evaluation, `--steps` steps, `--keep` checkpoints written,
-final evaluation) into a temporary zoo. On a shared CPU every number is inflated by the other jobs: the load average is printed beside.
+final evaluation) into a temporary zoo. On a shared CPU every number is inflated by the other
+jobs: the load average is printed beside.
 """
 
 import argparse

@@ -310,10 +310,7 @@ class Zoo:
         if complete_only:
             done = {r["run_id"] for r in recs if r.get("final")}
             recs = [r for r in recs if r["run_id"] in done]
-        for key, want in filters.items():
-            wanted = want if isinstance(want, (set, frozenset)) else {want}
-            recs = [r for r in recs if r.get(key) in wanted]
-        return recs
+        return _matching(recs, filters)
 
     def runs(self, **filters: Any) -> dict[str, list[dict]]:
         """Completed runs: run_id -> its checkpoint records by step."""
@@ -350,10 +347,15 @@ class Zoo:
                 "ckpt_max": max(vals) if len(vals) > 1 else None,
                 "wall_s": final.get("wall_s"),
             })
-        for key, want in filters.items():
-            wanted = want if isinstance(want, (set, frozenset)) else {want}
-            rows = [r for r in rows if r.get(key) in wanted]
-        return rows
+        return _matching(rows, filters)
+
+
+def _matching(rows: list[dict], filters: dict[str, Any]) -> list[dict]:
+    """The rows whose `key` equals each filter's value (a set value: any of its members)."""
+    for key, want in filters.items():
+        wanted = want if isinstance(want, (set, frozenset)) else {want}
+        rows = [r for r in rows if r.get(key) in wanted]
+    return rows
 
 
 def summary_table(rows: list[dict], by: str) -> str:
@@ -602,7 +604,7 @@ def _run(base: _Base, task, task_key: str, rank: int, seed: int, train: TrainCon
          device: torch.device, worker: int = 0, position: int = 1) -> tuple[str, list[Path], str]:
     """Train one run (or finish a partial one) into `zoo`.
 
-    Returns (run_id, kept checkpoint dirs, outcome): outcome is "trained", "done" (finished
+    Returns (run_id, kept checkpoint dirs, outcome): outcome is "trained", "skipped" (finished
     earlier, nothing trained) or "busy" (another process holds the run; nothing kept here).
     """
     from peft import LoraConfig, get_peft_model
@@ -614,7 +616,7 @@ def _run(base: _Base, task, task_key: str, rank: int, seed: int, train: TrainCon
             return run_id, [], "busy"
         recorded = {r["step"]: r for r in zoo.all_records() if r["run_id"] == run_id}
         if any(r.get("final") for r in recorded.values()):
-            return run_id, [zoo.path(r) for r in sorted(recorded.values(), key=lambda r: r["step"])], "done"
+            return run_id, [zoo.path(r) for r in sorted(recorded.values(), key=lambda r: r["step"])], "skipped"
         _clean_run_dir(zoo, run_id, set(recorded))
         if recorded:
             log.info("run %s: %d checkpoints recorded but no final one; training again from step 0",
@@ -811,7 +813,7 @@ def run_grid(cfg: ZooConfig, rank: int | None = None, world_size: int | None = N
         task = _get_task(r.task)
         _, _, outcome = _run(current, task, _task_key(r.task), r.rank, r.seed, cfg.train, zoo, device,
                              worker=rank, position=1)
-        counts[{"trained": "trained", "done": "skipped", "busy": "busy"}[outcome]] += 1
+        counts[outcome] += 1
         bar.update(1)
     bar.close()
     return counts

@@ -1,6 +1,7 @@
 """oral zoo: fine-tune LoRA checkpoints for the zoo (one run, or a grid from a YAML config)."""
 
 import json
+from pathlib import Path
 
 
 def add_parser(sub) -> None:
@@ -63,7 +64,7 @@ def _print_summary(zoo_dir: str, as_json: bool, where: list[str], table: str | N
           f"{'base':>6} {'final':>6} {'ckpt min-max':>13} {'wall_s':>7}")
     for r in rows:
         spread = "-" if r["ckpt_min"] is None else f"{r['ckpt_min']:.3f}-{r['ckpt_max']:.3f}"
-        name = r["base"].rstrip("/").rsplit("/", 1)[-1]
+        name = Path(r["base"]).name
         print(f"t{r['version']:<1} {name[:24]:<24} {r['task']:<18} {r['rank']:>2} {r['seed']:>4} {r['steps']:>5} "
               f"{r['checkpoints']:>5} {f(r['base_metric']):>6} {f(r['final_metric']):>6} {spread:>13} "
               f"{r['wall_s'] or 0:>7.1f}")
