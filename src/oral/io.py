@@ -1,4 +1,5 @@
-"""Atomic writes: a reader sees the old file or the new one, never half of one."""
+"""Atomic writes (a reader sees the old file or the new one, never half of one) and checked reads
+(a damaged file is one `DamagedFileError` naming the file and how to rebuild it)."""
 
 import contextlib
 import fcntl
@@ -7,7 +8,10 @@ import os
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Any, Iterator
+from typing import TYPE_CHECKING, Any, Iterator
+
+if TYPE_CHECKING:
+    import torch
 
 
 def _fsync_dir(path: Path) -> None:
@@ -103,17 +107,91 @@ def append_jsonl(path: str | os.PathLike, record: dict) -> None:
             os.fsync(f.fileno())
 
 
-def read_jsonl(path: str | os.PathLike) -> list[dict]:
-    """Read a JSONL file; a torn last line (a writer killed mid-line) is skipped."""
+def read_jsonl(path: str | os.PathLike, fix: str = "remove that line or restore the file") -> list[dict]:
+    """Read a JSONL file of objects (as `append_jsonl` writes them); a missing file is empty.
+
+    A writer killed mid-line leaves a torn line, and the next `append_jsonl` starts on a fresh
+    line, so a torn line may sit anywhere in the file. The rule: a line that starts with "{" but
+    does not parse, and is not a whole object followed by more text, is a torn record and is
+    skipped. Any other line that is not one JSON object (junk, a bare value, an object with text
+    after it, bytes that are not UTF-8) raises `DamagedFileError` naming the file, the line number
+    and `fix`.
+    """
     path = Path(path)
     if not path.exists():
         return []
     records = []
-    for line in path.read_text(encoding="utf-8").splitlines():
+    for number, raw in enumerate(path.read_bytes().split(b"\n"), start=1):
+        try:
+            line = raw.decode("utf-8")
+        except UnicodeDecodeError:
+            raise DamagedFileError(path, f"line {number} is not UTF-8 text", fix) from None
         if not line.strip():
             continue
         try:
-            records.append(json.loads(line))
-        except json.JSONDecodeError:
-            continue
+            record = json.loads(line)
+        except json.JSONDecodeError as e:
+            if line.startswith("{") and not e.msg.startswith("Extra data"):
+                continue  # torn: a prefix of a record whose writer was killed
+            raise DamagedFileError(path, f"line {number} is not a JSON record: {line[:40]!r}", fix) from None
+        if not isinstance(record, dict):
+            raise DamagedFileError(path, f"line {number} is not a JSON record: {line[:40]!r}", fix)
+        records.append(record)
     return records
+
+
+# -----------------------------------------------------------------------------
+# checked reads: a damaged file is one clear error, never a traceback or a wrong result
+
+
+class DamagedFileError(ValueError):
+    """A file we read is truncated or garbled; the message names it and how to rebuild it."""
+
+    def __init__(self, path: str | os.PathLike, what: str, fix: str):
+        self.path, self.what, self.fix = Path(path), " ".join(str(what).split()), fix
+        super().__init__(f"{self.path} is damaged ({self.what}): {fix}")
+
+
+def parse_json(text: str, path: str | os.PathLike, fix: str) -> dict:
+    """`text` (the content of `path`, or a JSON string stored inside it) as a JSON object."""
+    try:
+        obj = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise DamagedFileError(path, f"not valid JSON: {e}", fix) from None
+    if not isinstance(obj, dict):
+        raise DamagedFileError(path, f"expected a JSON object, found {type(obj).__name__}", fix)
+    return obj
+
+
+def read_json(path: str | os.PathLike, fix: str) -> dict:
+    """The JSON object in `path`; a missing file stays FileNotFoundError."""
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise DamagedFileError(path, f"not UTF-8 text: {e.reason} at byte {e.start}", fix) from None
+    return parse_json(text, path, fix)
+
+
+def load_safetensors(path: str | os.PathLike, fix: str, device: str = "cpu") -> "dict[str, torch.Tensor]":
+    """Every tensor of a safetensors file; a missing file stays FileNotFoundError."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    try:
+        return load_file(str(path), device=device)
+    except SafetensorError as e:
+        raise DamagedFileError(path, f"not a whole safetensors file: {e}", fix) from None
+
+
+@contextlib.contextmanager
+def open_safetensors(path: str | os.PathLike, fix: str) -> Iterator[Any]:
+    """`safetensors.safe_open(path, framework="pt")`, its header checked on open (a truncated file
+    fails here: safetensors checks the header covers the whole file)."""
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        handle = safe_open(str(path), framework="pt")
+    except SafetensorError as e:
+        raise DamagedFileError(path, f"not a whole safetensors file: {e}", fix) from None
+    with handle as f:
+        yield f
