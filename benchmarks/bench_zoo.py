@@ -4,11 +4,11 @@
     OMP_NUM_THREADS=1 python benchmarks/bench_zoo.py --steps 100    # when other jobs share the CPU
     python benchmarks/bench_zoo.py --base tiny-llama --steps 20 --json
 
-Phase 1 times `--probe` single steps of the zoo's own loss (oral.zoo.target_loss: the LM head on
-target positions only) on the packed batch the zoo trains on (oral.zoo.pack: one padding-free
+Phase 1 times `--probe` single steps of the zoo's own loss (oral.finetune.target_loss: the LM head on
+target positions only) on the packed batch the zoo trains on (oral.finetune.pack: one padding-free
 row) and on the right-padded batch, against a plain `model(..., labels=...)` step on the padded
 batch, so the savings of packing and of the target-only head are both visible. Phase 2 runs
-oral.zoo.train_lora end to end (base evaluation, `--steps` steps, `--keep` checkpoints written,
+oral.finetune.train_lora end to end (base evaluation, `--steps` steps, `--keep` checkpoints written,
 final evaluation) into a temporary zoo. On a shared CPU every number is inflated by the other
 jobs: the load average is printed beside.
 """
@@ -24,7 +24,7 @@ import torch
 
 from oral.models import load_base
 from oral.tasks import get_task
-from oral.zoo import batch_indices, collate, encode_example, pack, target_loss, train_lora
+from oral.finetune import batch_indices, collate, encode_example, pack, target_loss, train_lora
 
 
 def time_steps(model, tok, task, rank: int, targets: list[str], batch_size: int, probe: int) -> dict:

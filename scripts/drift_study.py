@@ -9,7 +9,7 @@ trained on that version itself (is the version still a useful LM?).
     python scripts/drift_study.py --config configs/evolve-chain.yaml lr=2e-3 steps=100 --device cuda
 
 The LoRA is the quick one of the zoo: r=4 on q_proj,v_proj, 60 steps, batch 8, lr 2e-3, loss on
-answer tokens (oral.zoo.train_lora); accuracies are on the first --limit test examples.
+answer tokens (oral.finetune.train_lora); accuracies are on the first --limit test examples.
 """
 
 import argparse
@@ -26,7 +26,7 @@ from oral.evolve import ChainConfig, chain_report, evolve_chain
 from oral.io import atomic_write_json
 from oral.models import load_base
 from oral.paths import oral_home
-from oral.zoo import train_lora
+from oral.finetune import train_lora
 
 
 def quick_lora(base: str | Path, task: str, zoo: Path, steps: int, device: str, seed: int = 0) -> Path:

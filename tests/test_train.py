@@ -23,7 +23,7 @@ def one_thread():
 @pytest.fixture(scope="module")
 def zoo(tmp_path_factory) -> Path:
     """2 tasks x 1 seed on tiny-llama, the last 4 checkpoints of each 20-step run."""
-    from oral.zoo import train_lora
+    from oral.finetune import train_lora
 
     root = tmp_path_factory.mktemp("zoo")
     for task in TASKS:

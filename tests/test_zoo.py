@@ -14,11 +14,13 @@ import torch
 import yaml
 
 from oral.config import load_config
-from oral.io import read_jsonl
-from oral.zoo import (
-    GridBlock, TrainConfig, Zoo, ZooConfig, ZooError, batch_indices, collate, encode_example,
-    grid_runs, lr_at, pack, run_grid, run_id_for, shard, target_loss, train_lora,
+from oral.finetune import (
+    FinetuneConfig, FinetuneError, batch_indices, collate, encode_example, pack, target_loss, train_lora,
 )
+from oral.grid import GridBlock, ZooConfig, grid_runs, run_grid, shard
+from oral.io import read_jsonl
+from oral.lora import load_adapter
+from oral.zoo import Zoo, ZooError, evaluate_checkpoints, run_id_for, summary_table
 
 REPO = Path(__file__).resolve().parents[1]
 COLORS = ["red", "blue", "green", "yellow", "purple", "orange", "pink", "brown"]
@@ -57,11 +59,11 @@ def task_file(tmp_path: Path) -> Path:
 
 
 def test_save_steps_are_the_last_keep_saves_ending_at_the_final_step():
-    assert TrainConfig(steps=100, keep=3).save_steps() == [98, 99, 100]
-    assert TrainConfig(steps=100, keep=3, save_every=10).save_steps() == [80, 90, 100]
-    assert TrainConfig(steps=5, keep=10).save_steps() == [1, 2, 3, 4, 5]
-    with pytest.raises(ZooError, match="keep"):
-        TrainConfig(keep=0)
+    assert FinetuneConfig(steps=100, keep=3).save_steps() == [98, 99, 100]
+    assert FinetuneConfig(steps=100, keep=3, save_every=10).save_steps() == [80, 90, 100]
+    assert FinetuneConfig(steps=5, keep=10).save_steps() == [1, 2, 3, 4, 5]
+    with pytest.raises(FinetuneError, match="keep"):
+        FinetuneConfig(keep=0)
 
 
 def test_batch_indices_cover_every_example_once_per_epoch_and_follow_the_seed():
@@ -85,12 +87,12 @@ def test_shard_gives_every_run_to_exactly_one_process():
 
 
 def test_lr_schedule_warms_up_then_decays_to_min_ratio():
-    cfg = TrainConfig(steps=50, lr=1e-3, warmup_steps=10, min_lr_ratio=0.1)
-    assert lr_at(1, cfg) == pytest.approx(1e-4)
-    assert lr_at(10, cfg) == pytest.approx(1e-3)
-    assert lr_at(50, cfg) == pytest.approx(1e-4)
-    assert lr_at(30, cfg) < lr_at(20, cfg)
-    assert lr_at(30, TrainConfig(steps=50, lr=1e-3, schedule="constant")) == pytest.approx(1e-3)
+    cfg = FinetuneConfig(steps=50, lr=1e-3, warmup_steps=10, min_lr_ratio=0.1)
+    assert cfg.lr_at(1) == pytest.approx(1e-4)
+    assert cfg.lr_at(10) == pytest.approx(1e-3)
+    assert cfg.lr_at(50) == pytest.approx(1e-4)
+    assert cfg.lr_at(30) < cfg.lr_at(20)
+    assert FinetuneConfig(steps=50, lr=1e-3, schedule="constant").lr_at(30) == pytest.approx(1e-3)
 
 
 def test_loss_mask_marks_exactly_the_target_tokens(tiny):
@@ -141,11 +143,11 @@ def test_packed_batch_gives_the_padded_batch_loss_and_gradients(tiny):
 
 
 def test_run_id_is_stable_and_changes_with_what_shapes_the_weights():
-    cfg = TrainConfig()
+    cfg = FinetuneConfig()
     a = run_id_for("smollm2-135m", "movie-sentiment", 4, 0, cfg)
-    assert a == run_id_for("smollm2-135m", "movie-sentiment", 4, 0, TrainConfig(eval_limit=5, device="cpu"))
+    assert a == run_id_for("smollm2-135m", "movie-sentiment", 4, 0, FinetuneConfig(eval_limit=5, device="cpu"))
     assert a.startswith("smollm2-135m_movie-sentiment_r4_s0_")
-    assert a != run_id_for("smollm2-135m", "movie-sentiment", 4, 0, TrainConfig(lr=1e-3))
+    assert a != run_id_for("smollm2-135m", "movie-sentiment", 4, 0, FinetuneConfig(lr=1e-3))
     assert a != run_id_for("smollm2-135m", "movie-sentiment", 4, 1, cfg)
 
 
@@ -196,18 +198,15 @@ def test_train_lora_writes_peft_loadable_checkpoints_and_a_manifest(tiny, task_f
 
 
 def test_checkpoints_load_through_the_codec(tiny, task_file, tmp_path):
-    lora = pytest.importorskip("oral.lora")
     model, tok = tiny
     paths = train_lora(model, str(task_file), rank=2, steps=4, keep=2, out_dir=tmp_path / "zoo",
                        tokenizer=tok, **FAST)
-    spec, state = lora.load_adapter(paths[-1])
+    spec, state = load_adapter(paths[-1])
     assert spec.modules[0].rank == 2
     assert len(state) == 2 * 2 * 2  # 2 layers x (q, v) x (A, B)
 
 
 def test_saved_checkpoints_score_as_they_did_during_training(tiny, task_file, tmp_path):
-    from oral.zoo import evaluate_checkpoints
-
     model, tok = tiny
     train_lora(model, str(task_file), rank=2, steps=8, keep=2, out_dir=tmp_path / "zoo", tokenizer=tok,
                **{**FAST, "eval_checkpoints": True, "eval_limit": None})
@@ -334,7 +333,7 @@ def test_skip_missing_trains_the_runs_whose_base_exists_and_leaves_the_rest_wait
     chain = tmp_path / "chain.yaml"
     chain.write_text(yaml.safe_dump({"base": "tiny-llama", "corpora": ["kjv"], "steps": 2}))
     block = GridBlock(chain=str(chain), versions=[0, 1], tasks=[str(task_file)], ranks=[1], seeds=[0])
-    cfg = ZooConfig(out=str(tmp_path / "zoo"), grid=[block], train=TrainConfig(steps=2, keep=1, **FAST))
+    cfg = ZooConfig(out=str(tmp_path / "zoo"), grid=[block], train=FinetuneConfig(steps=2, keep=1, **FAST))
     with pytest.raises(ZooError, match="--skip-missing"):
         run_grid(cfg)
     assert run_grid(cfg, skip_missing=True) == {"runs": 1, "skipped": 0, "trained": 1, "busy": 0, "waiting": 1}
@@ -344,7 +343,7 @@ def test_skip_missing_trains_the_runs_whose_base_exists_and_leaves_the_rest_wait
 def test_a_run_locked_by_another_process_is_left_to_it_and_counted_as_busy(task_file, tmp_path):
     import fcntl
 
-    train = TrainConfig(steps=2, keep=1, **FAST)
+    train = FinetuneConfig(steps=2, keep=1, **FAST)
     cfg = ZooConfig(out=str(tmp_path / "zoo"), train=train, grid=[
         GridBlock(bases=["tiny-llama"], tasks=[str(task_file)], ranks=[1], seeds=[0, 1])])
     locked = run_id_for("tiny-llama", str(task_file.resolve()), 1, 1, train)
@@ -449,8 +448,6 @@ def _fake_run(zoo: Zoo, task: str, rank: int, version: int, base_v: float, final
 
 def test_summary_tables_put_versions_and_ranks_side_by_side(tmp_path, capsys):
     from oral.cli import main
-    from oral.zoo import summary_table
-
     zoo = Zoo(tmp_path / "zoo")
     _fake_run(zoo, "sms-spam", 4, 0, 0.25, 0.75)
     _fake_run(zoo, "movie-sentiment", 4, 0, 0.5, 0.875)

@@ -111,7 +111,8 @@ def run(args) -> int:
     import time
 
     from oral.config import load_config
-    from oral.zoo import GridBlock, ZooConfig, ZooError, run_grid
+    from oral.grid import GridBlock, ZooConfig, run_grid
+    from oral.zoo import ZooError
 
     if args.summary:
         if not args.out:
