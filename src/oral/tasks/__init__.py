@@ -1,4 +1,4 @@
-"""Tasks: built-in ones over offline data, user ones from a file + YAML, and lm-eval export."""
+"""Tasks: task files (YAML) over offline package data (the built-in ones) or user data, and lm-eval export."""
 
 from pathlib import Path
 
@@ -7,7 +7,7 @@ from oral.tasks.builtin import BUILTIN
 from oral.tasks.user import load_task_file, task_from_dict
 
 _REGISTERED: dict[str, Task] = {}  # user tasks registered in this process
-_CACHE: dict[str, Task] = {}  # built-in tasks, built once (their splits are cached on the Task)
+_CACHE: dict[str, Task] = {}  # built-in tasks, read once (their splits are cached on the Task)
 
 
 def register_task(task: Task) -> None:
@@ -28,7 +28,7 @@ def get_task(name: str) -> Task:
         return _REGISTERED[name]
     if name in BUILTIN:
         if name not in _CACHE:
-            _CACHE[name] = BUILTIN[name]()
+            _CACHE[name] = load_task_file(BUILTIN[name])
         return _CACHE[name]
     if name.endswith((".yaml", ".yml")) or Path(name).is_file():
         return load_task_file(name)

