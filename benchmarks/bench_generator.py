@@ -14,7 +14,7 @@ import time
 import torch
 
 from oral.diffusion import Diffusion
-from oral.generator import LoraGenerator, generator_config
+from oral.generator import GeneratorNet, generator_config
 from oral.lora import LoraSpec
 from oral.models import tiny_llama_config
 from oral.tokens import WeightTokenizer
@@ -41,7 +41,7 @@ def bench(preset: str, layout: str, device: torch.device, batch: int, tokens_per
     cfg = generator_config(preset, model_cond_dim=384 + 130, text_cond_dim=384)
     tok = WeightTokenizer(spec, cfg.token_size)
     N, D = tok.num_tokens, cfg.token_size
-    net = LoraGenerator(cfg).to(device)
+    net = GeneratorNet(cfg).to(device)
     opt = torch.optim.AdamW(net.parameters(), lr=1e-4)
     diff = Diffusion()
     pos = tok.positions.to(device)[None].expand(batch, -1, -1)

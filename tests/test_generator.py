@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from oral.diffusion import PREDICTION_TYPES, Diffusion, DiffusionConfig
-from oral.generator import GENERATOR_PRESETS, LoraGenerator, generator_config
+from oral.generator import GENERATOR_PRESETS, GeneratorNet, generator_config
 
 
 def _inputs(cfg, B=2, N=12, K=5):
@@ -21,7 +21,7 @@ def _inputs(cfg, B=2, N=12, K=5):
 @pytest.mark.parametrize("denoiser", ["mlp", "conv"])
 def test_forward_shapes_and_gradients_reach_every_part(denoiser):
     cfg = generator_config("tiny", denoiser=denoiser, model_cond_dim=10, text_cond_dim=8)
-    net = LoraGenerator(cfg)
+    net = GeneratorNet(cfg)
     assert net.mamba.config.use_mambapy
     positions, cm, ct, idx, u, t = _inputs(cfg)
     eps = net(positions, cm, ct, torch.tensor([False, True]), idx, u, t)
@@ -35,7 +35,7 @@ def test_forward_shapes_and_gradients_reach_every_part(denoiser):
 
 def test_prototypes_depend_on_text_unless_it_is_dropped():
     cfg = generator_config("tiny", model_cond_dim=4, text_cond_dim=8)
-    net = LoraGenerator(cfg).eval()
+    net = GeneratorNet(cfg).eval()
     positions, cm, _, _, _, _ = _inputs(cfg, B=1)
     a, b = torch.randn(1, 8), torch.randn(1, 8)
     with torch.no_grad():
@@ -105,7 +105,7 @@ def test_padding_is_left_out_of_the_loss():
 
 def test_learned_token_embeddings_start_at_zero_and_refuse_longer_sequences():
     cfg = generator_config("tiny", model_cond_dim=4, text_cond_dim=8, max_tokens=12)
-    net = LoraGenerator(cfg)
+    net = GeneratorNet(cfg)
     assert net.token_emb.shape == (12, cfg.d_model) and not net.token_emb.any()
     positions, cm, ct, idx, u, t = _inputs(cfg, N=12)
     net(positions, cm, ct, torch.tensor([False, False]), idx, u, t).pow(2).mean().backward()

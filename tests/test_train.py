@@ -35,10 +35,10 @@ def zoo(tmp_path_factory) -> Path:
 @pytest.fixture(scope="module")
 def gen_dir(zoo, tmp_path_factory) -> Path:
     from oral.config import load_config
-    from oral.train import TrainConfig, train_generator
+    from oral.train import GeneratorTrainConfig, train_generator
 
     out = tmp_path_factory.mktemp("gen") / "gen"
-    cfg = load_config(TrainConfig, REPO / "configs" / "generator-tiny.yaml", ["device=cpu"])
+    cfg = load_config(GeneratorTrainConfig, REPO / "configs" / "generator-tiny.yaml", ["device=cpu"])
     assert cfg.steps == 200
     return train_generator([zoo], out, cfg)
 
@@ -71,7 +71,7 @@ def test_training_loss_falls(gen_dir):
 
 
 def test_checkpoints_are_safetensors_and_json_only_and_record_zoo_and_conditions(gen_dir, zoo):
-    from oral.train import manifest_sha256
+    from oral.zoo_data import manifest_sha256
 
     files = [p for p in gen_dir.rglob("*") if p.is_file()]
     assert files and all(p.suffix in (".safetensors", ".json", ".csv", ".png") for p in files), files
@@ -125,9 +125,9 @@ def test_two_task_prompts_give_different_adapters_and_same_seed_the_same(generat
 
 def test_resumed_training_matches_an_uninterrupted_run(zoo, tmp_path):
     from oral.config import load_config
-    from oral.train import TrainConfig, read_loss_log, train_generator
+    from oral.train import GeneratorTrainConfig, read_loss_log, train_generator
 
-    cfg = load_config(TrainConfig, None, ["preset=tiny", "steps=8", "log_every=1", "save_every=2", "device=cpu",
+    cfg = load_config(GeneratorTrainConfig, None, ["preset=tiny", "steps=8", "log_every=1", "save_every=2", "device=cpu",
                                           "warmup_steps=2"])
     train_generator([zoo], tmp_path / "a", cfg)
     train_generator([zoo], tmp_path / "b", cfg, stop_at=4)  # interrupted after step 4
@@ -141,12 +141,13 @@ def test_resumed_training_matches_an_uninterrupted_run(zoo, tmp_path):
 
 def test_resume_with_another_setup_is_refused(zoo, tmp_path):
     from oral.config import load_config
-    from oral.train import TrainConfig, TrainError, train_generator
+    from oral.train import GeneratorTrainConfig, train_generator
+    from oral.training import CheckpointError
 
     base = ["preset=tiny", "steps=4", "save_every=2", "device=cpu"]
-    train_generator([zoo], tmp_path / "g", load_config(TrainConfig, None, base))
-    with pytest.raises(TrainError, match="different training setup"):
-        train_generator([zoo], tmp_path / "g", load_config(TrainConfig, None, base + ["lr=0.5"]))
+    train_generator([zoo], tmp_path / "g", load_config(GeneratorTrainConfig, None, base))
+    with pytest.raises(CheckpointError, match="different training setup"):
+        train_generator([zoo], tmp_path / "g", load_config(GeneratorTrainConfig, None, base + ["lr=0.5"]))
 
 
 def test_cli_writes_peft_loadable_adapters_with_provenance(gen_dir, tmp_path, tiny):
@@ -184,10 +185,11 @@ def test_canonical_gauge_trains_on_canonical_tokens_and_generates_a_valid_adapte
     from oral.config import load_config
     from oral.generate import Generator
     from oral.lora import canonicalize, load_adapter
-    from oral.train import TrainConfig, prepare_training_data, train_generator
+    from oral.train import GeneratorTrainConfig, train_generator
+    from oral.zoo_data import prepare_training_data
     from oral.zoo import Zoo
 
-    cfg = load_config(TrainConfig, None, ["preset=tiny", "steps=4", "save_every=4", "device=cpu", "gauge=canonical"])
+    cfg = load_config(GeneratorTrainConfig, None, ["preset=tiny", "steps=4", "save_every=4", "device=cpu", "gauge=canonical"])
     data = prepare_training_data([zoo], tmp_path / "g", cfg)
     rec = Zoo(zoo).records()[0]
     spec, state = load_adapter(Zoo(zoo).path(rec))

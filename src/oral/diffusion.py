@@ -12,8 +12,8 @@ from typing import Callable
 import torch
 from diffusers import DDIMScheduler, DDPMScheduler
 
-# eps_fn(x_t: (M, D), t: (M,) long) -> eps: (M, D)
-EpsFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+# denoise(x_t: (M, D), t: (M,) long) -> the prediction (M, D): x0, the noise or v, per prediction_type
+DenoiseFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
 SAMPLERS = ("ddim", "ddpm")
 PREDICTION_TYPES = ("epsilon", "sample", "v_prediction")
@@ -72,24 +72,24 @@ class Diffusion:
         return x_t, t, target
 
     @staticmethod
-    def masked_mse(eps: torch.Tensor, noise: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        """Mean squared error of the prediction over real values only; eps, noise (the target), mask: (M, D)."""
-        err = (eps - noise).pow(2) * mask
+    def masked_mse(pred: torch.Tensor, target: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """Mean squared error of the prediction over real values only; pred, target, mask: (M, D)."""
+        err = (pred - target).pow(2) * mask
         return err.sum() / mask.sum().clamp_min(1)
 
     def loss(
-        self, eps_fn: EpsFn, x0: torch.Tensor, mask: torch.Tensor, generator: torch.Generator | None = None
+        self, denoise: DenoiseFn, x0: torch.Tensor, mask: torch.Tensor, generator: torch.Generator | None = None
     ) -> torch.Tensor:
         """Masked prediction MSE. x0, mask: (M, D); padding is zeroed and left out of the loss."""
         x_t, t, target = self.add_noise(torch.where(mask, x0, torch.zeros_like(x0)), generator)
-        return self.masked_mse(eps_fn(x_t, t), target, mask)
+        return self.masked_mse(denoise(x_t, t), target, mask)
 
     # --- sampling -----------------------------------------------------------
 
     @torch.no_grad()
     def sample(
         self,
-        eps_fn: EpsFn,
+        denoise: DenoiseFn,
         shape: tuple[int, int],
         steps: int = 60,
         sampler: str = "ddim",
@@ -111,9 +111,9 @@ class Diffusion:
         x = torch.randn(shape, generator=generator).to(device)
         for t in sched.timesteps:
             tt = torch.full((shape[0],), int(t), dtype=torch.long, device=device)
-            eps = eps_fn(x, tt)
+            pred = denoise(x, tt)
             if sampler == "ddim":
-                x = sched.step(eps, t, x, eta=eta, generator=generator).prev_sample
+                x = sched.step(pred, t, x, eta=eta, generator=generator).prev_sample
             else:
-                x = sched.step(eps, t, x, generator=generator).prev_sample
+                x = sched.step(pred, t, x, generator=generator).prev_sample
         return x

@@ -12,30 +12,113 @@ tokens into a state dict; 6) validate and write it as a plain PEFT adapter dir w
 
 from __future__ import annotations
 
+import dataclasses
 import datetime as dt
-import json
 import logging
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import torch
-from safetensors.torch import load_file
+from safetensors.torch import save as safetensors_bytes
 
-from oral.conditions import ConditionConfig, ConditionEncoder
+from oral.conditions import ConditionConfig, ConditionEncoder, model_metadata, text_hash
 from oral.diffusion import Diffusion, DiffusionConfig
-from oral.generator import GeneratorConfig, LoraGenerator
-from oral.train import CONDITIONS_NAME, CONFIG_NAME, FORMAT, WEIGHTS_NAME, resolve_device
+from oral.generator import GeneratorConfig, GeneratorNet
+from oral.io import atomic_write_bytes, atomic_write_json, load_safetensors, read_json
+from oral.lora import AdapterError, LoraSpec, save_adapter, validate_adapter, with_base
+from oral.models import base_id, load_base, load_base_config
+from oral.tokens import WeightTokenizer
+from oral.training import resolve_device
+
+if TYPE_CHECKING:
+    from oral.zoo_data import ZooData
 
 log = logging.getLogger(__name__)
+
+# -----------------------------------------------------------------------------
+# The generator's files: written by `oral train` (save_generator), read by Generator.from_pretrained
+#
+#   GEN/config.json              format, format_version, step, the network's and training's configs,
+#                                the conditions (bases, tasks and their training descriptions), layouts
+#   GEN/model.safetensors        the network's (EMA) weights
+#   GEN/conditions.safetensors   c_model per (layout, base) seen in training
+#   GEN/tokenizers/<i>/          the weight tokenizer of layout i
+
+FORMAT = "oral-generator"
+FORMAT_VERSION = 1  # raise it when a change to these files would make an older reader misread them
+CONFIG_NAME = "config.json"
+WEIGHTS_NAME = "model.safetensors"
+CONDITIONS_NAME = "conditions.safetensors"
 
 
 class GenerationError(ValueError):
     """A generator or a request it cannot serve (unknown layout, bad files, ...)."""
 
 
+def save_generator(out: Path, net_cfg: GeneratorConfig, weights: dict[str, torch.Tensor], data: ZooData,
+                   train: dict[str, Any], gauge: str, step: int, wall_s: float) -> None:
+    """Write a generator (each file atomically): its network weights, the conditions and tokenizers
+    of its training data, and config.json (written last: a reader never sees a half-written set)."""
+    groups = []
+    for i, g in enumerate(data.groups):
+        g.tokenizer.save(out / "tokenizers" / str(i))
+        groups.append({
+            "tokenizer": f"tokenizers/{i}",
+            "spec": g.tokenizer.spec.to_dict(),
+            "num_tokens": g.tokenizer.num_tokens,
+            "num_samples": len(g.tokens),
+            "bases": sorted({data.bases[int(b)]["id"] for b in g.base_index}),
+        })
+    cond = {f"c_model.{gi}.{bi}": v.contiguous() for gi, g in enumerate(data.groups) for bi, v in g.c_model.items()}
+    atomic_write_bytes(out / CONDITIONS_NAME, safetensors_bytes(cond))
+    atomic_write_bytes(out / WEIGHTS_NAME, safetensors_bytes({k: v.detach().cpu().contiguous() for k, v in weights.items()}))
+    atomic_write_json(out / CONFIG_NAME, {
+        "format": FORMAT,
+        "format_version": FORMAT_VERSION,
+        "step": step,
+        "wall_s": round(wall_s, 1),
+        "generator": dataclasses.asdict(net_cfg),
+        "train": train,
+        "conditions": {
+            **train["conditions"],
+            "model_cond_dim": net_cfg.model_cond_dim,
+            "text_cond_dim": net_cfg.text_cond_dim,
+            "bases": data.bases,
+            "tasks": {t: {"descriptions": d, "descriptions_hash": text_hash(d)} for t, d in zip(data.tasks, data.descriptions)},
+        },
+        "gauge": gauge,
+        "groups": groups,
+        "zoos": data.zoos,
+        "num_samples": data.num_samples,
+    })
+
+
+def read_generator_config(path: Path) -> dict:
+    """GEN/config.json, checked: an oral generator of a format version this code reads."""
+    fix = f"retrain it with `oral train --out {path}`"
+    if not (path / CONFIG_NAME).exists() or not (path / WEIGHTS_NAME).exists():
+        raise GenerationError(f"{path} is not a trained generator ({CONFIG_NAME} or {WEIGHTS_NAME} missing); "
+                              f"train one with `oral train --zoo ZOO --out {path}`")
+    config = read_json(path / CONFIG_NAME, fix)
+    if config.get("format") != FORMAT:
+        raise GenerationError(f"{path / CONFIG_NAME} is not an oral generator config (format {config.get('format')!r})")
+    version = config.get("format_version")
+    if version != FORMAT_VERSION:
+        newer = isinstance(version, int) and version > FORMAT_VERSION
+        raise GenerationError(
+            f"{path} is an oral generator of format version {version!r}; this oral reads version {FORMAT_VERSION}: "
+            + ("upgrade oral to load it" if newer else fix))
+    return config
+
+
+# -----------------------------------------------------------------------------
+# Loading and sampling
+
+
 class Generator:
     """A trained generator: network (EMA weights), tokenizers per layout, condition encoder."""
 
-    def __init__(self, path: Path, config: dict, net: LoraGenerator, tokenizers: list, c_model: dict, device: torch.device):
+    def __init__(self, path: Path, config: dict, net: GeneratorNet, tokenizers: list, c_model: dict, device: torch.device):
         self.path = path
         self.config = config
         self.net = net.eval()
@@ -53,23 +136,17 @@ class Generator:
     @classmethod
     def from_pretrained(cls, path: str | Path, device: str = "auto") -> "Generator":
         """Load GEN/config.json, GEN/model.safetensors, GEN/conditions.safetensors, GEN/tokenizers/."""
-        from oral.tokens import WeightTokenizer
-
         path = Path(path).expanduser()
-        if not (path / CONFIG_NAME).exists() or not (path / WEIGHTS_NAME).exists():
-            raise GenerationError(f"{path} is not a trained generator ({CONFIG_NAME} or {WEIGHTS_NAME} missing); "
-                                  f"train one with `oral train --zoo ZOO --out {path}`")
-        config = json.loads((path / CONFIG_NAME).read_text())
-        if config.get("format") != FORMAT:
-            raise GenerationError(f"{path / CONFIG_NAME} is not an oral generator config (format {config.get('format')!r})")
+        config = read_generator_config(path)
+        fix = f"retrain it with `oral train --out {path}`"
         dev = resolve_device(device)
-        net = LoraGenerator(GeneratorConfig(**config["generator"]))
-        net.load_state_dict(load_file(str(path / WEIGHTS_NAME)))
+        net = GeneratorNet(GeneratorConfig(**config["generator"]))
+        net.load_state_dict(load_safetensors(path / WEIGHTS_NAME, fix))
         net.to(dev)
         tokenizers = [WeightTokenizer.load(path / g["tokenizer"]) for g in config["groups"]]
         bases = [b["id"] for b in config["conditions"]["bases"]]
         c_model = {}
-        for key, v in load_file(str(path / CONDITIONS_NAME)).items():
+        for key, v in load_safetensors(path / CONDITIONS_NAME, fix).items():
             _, gi, bi = key.split(".")
             c_model[(int(gi), bases[int(bi)])] = v
         return cls(path, config, net, tokenizers, c_model, dev)
@@ -78,10 +155,6 @@ class Generator:
 
     def layout_for(self, base: str, rank: int | None = None) -> int:
         """The index of the learned LoRA layout that fits `base` (and `rank`, if given)."""
-        from oral.conditions import model_metadata
-        from oral.lora import AdapterError, LoraSpec, with_base
-        from oral.models import load_base_config
-
         config = load_base_config(base)
         fits = []
         for gi, tok in enumerate(self.tokenizers):
@@ -111,8 +184,6 @@ class Generator:
     def model_condition(self, base: str, group: int, base_model: torch.nn.Module | None = None) -> torch.Tensor:
         """c_model for `base`: cached for a base seen in training, else computed (loads its weights
         when the fingerprint is on)."""
-        from oral.models import base_id, load_base, load_base_config
-
         key = (group, base_id(base))
         if key in self.c_model_cache:
             return self.c_model_cache[key]
@@ -135,22 +206,22 @@ class Generator:
         positions = tok.positions.to(dev)[None]  # (1, N, 4)
         cm = c_model.to(dev)[None]  # (1, Cm)
         ct = self.conditions.text_condition([prompt]).to(dev)  # (1, Ct)
-        keep = torch.tensor([False], device=dev)
-        p_cond = self.net.prototypes(positions, self.net.condition(cm, ct, keep))[0]  # (N, d)
+        drop_text = torch.tensor([False], device=dev)
+        p_cond = self.net.prototypes(positions, self.net.condition(cm, ct, drop_text))[0]  # (N, d)
         if guidance == 1.0:
-            def eps_fn(x, t):
+            def denoise(x, t):
                 return self.net.denoise(x, t, p_cond)
         else:
-            p_null = self.net.prototypes(positions, self.net.condition(cm, ct, ~keep))[0]  # (N, d)
+            p_null = self.net.prototypes(positions, self.net.condition(cm, ct, ~drop_text))[0]  # (N, d)
             p_both = torch.cat([p_null, p_cond])  # (2N, d)
 
-            def eps_fn(x, t):
-                e_null, e_cond = self.net.denoise(torch.cat([x, x]), torch.cat([t, t]), p_both).chunk(2)
-                return e_null + guidance * (e_cond - e_null)
+            def denoise(x, t):
+                pred_null, pred_cond = self.net.denoise(torch.cat([x, x]), torch.cat([t, t]), p_both).chunk(2)
+                return pred_null + guidance * (pred_cond - pred_null)
 
-        g = torch.Generator().manual_seed(int(seed))
-        x = self.diffusion.sample(eps_fn, (tok.num_tokens, tok.token_size), steps=steps, sampler=sampler,
-                                  eta=eta, generator=g, device=dev)
+        rng = torch.Generator().manual_seed(int(seed))
+        x = self.diffusion.sample(denoise, (tok.num_tokens, tok.token_size), steps=steps, sampler=sampler,
+                                  eta=eta, generator=rng, device=dev)
         return x.cpu() * tok.mask  # padding back to 0
 
     def generate(self, base: str, prompt: str, seed: int = 0, steps: int = 60, guidance: float = 1.0,
@@ -161,9 +232,6 @@ class Generator:
         base: an embedded name, local dir or hub id (its architecture must be one the generator
         learned). base_model: the loaded base, to skip loading it for the fingerprint.
         """
-        from oral.lora import validate_adapter, with_base
-        from oral.models import base_id
-
         if not prompt or not prompt.strip():
             raise GenerationError("the prompt is empty: describe the task the adapter should do")
         gi = self.layout_for(base, rank)
@@ -176,8 +244,6 @@ class Generator:
         return spec, state
 
     def provenance(self, base: str, prompt: str, seed: int, steps: int, guidance: float, sampler: str, eta: float) -> dict:
-        from oral.models import base_id
-
         return {
             "source": "oral generate",
             "generator": str(self.path.resolve()),
@@ -212,8 +278,6 @@ def generate_adapters(
 ) -> list[Path]:
     """Write `num` validated PEFT adapter dirs: OUT itself for num=1, else OUT/seed-<s> for seeds
     seed, seed+1, ... Each dir records its provenance (generator, prompt, seed, zoo manifest hash)."""
-    from oral.lora import save_adapter
-
     if num < 1:
         raise GenerationError(f"num must be >= 1, got {num}")
     gen = generator if isinstance(generator, Generator) else Generator.from_pretrained(generator, device=device)

@@ -1,10 +1,10 @@
 """The network: a recurrent (Mamba) model that makes one prototype per weight token, and a per-token
-denoiser eps(u_j, t | p_j) that turns noise into that token.
+denoiser f(u_j, t | p_j) that predicts the clean token (or the noise, or v: Diffusion's prediction_type).
 
     positions (B, N, 4)  --sinusoids-->  pos_emb (B, N, d)
     c = proj([c_model ; c_text or null])  (B, d)
     pos_emb + c  --Mamba stack-->  prototypes p (B, N, d)
-    eps = denoiser(u_j, t, p_j)           (one token at a time; all tokens of all samples batched)
+    pred = denoiser(u_j, t, p_j)          (one token at a time; all tokens of all samples batched)
 
 As in RPG, the recurrent model reads positions and the condition, not the noisy tokens: the
 prototypes are computed once per sample, and each denoising step only runs the small denoiser.
@@ -109,7 +109,7 @@ class TimestepEmbedding(nn.Module):
 
 
 # -----------------------------------------------------------------------------
-# Denoisers: eps(u, t | p) for one token u (D values) with prototype p
+# Denoisers: f(u, t | p) -> the prediction for one noisy token u (D values) with prototype p
 
 
 class AdaLNBlock(nn.Module):
@@ -129,7 +129,7 @@ class AdaLNBlock(nn.Module):
 
 
 class MLPDenoiser(nn.Module):
-    """u (M, D), t (M,), p (M, d) -> eps (M, D). The prototype enters both additively and via adaLN."""
+    """u (M, D), t (M,), p (M, d) -> prediction (M, D). The prototype enters both additively and via adaLN."""
 
     def __init__(self, token_size: int, d_model: int, width: int, depth: int):
         super().__init__()
@@ -181,8 +181,9 @@ class ConvDenoiser(nn.Module):
 # The generator network
 
 
-class LoraGenerator(nn.Module):
-    """Prototypes from (positions, condition) through Mamba; per-token denoising from prototypes."""
+class GeneratorNet(nn.Module):
+    """The network inside a trained Generator: prototypes from (positions, condition) through Mamba,
+    per-token denoising from prototypes."""
 
     def __init__(self, config: GeneratorConfig):
         super().__init__()
@@ -226,7 +227,7 @@ class LoraGenerator(nn.Module):
         return self.mamba(inputs_embeds=x).last_hidden_state
 
     def denoise(self, u: torch.Tensor, t: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
-        """u (M, D), t (M,), p (M, d_model) -> eps (M, D)."""
+        """u (M, D), t (M,), p (M, d_model) -> prediction (M, D)."""
         return self.denoiser(u, t, p)
 
     def forward(
@@ -239,10 +240,10 @@ class LoraGenerator(nn.Module):
         u: torch.Tensor,
         t: torch.Tensor,
     ) -> torch.Tensor:
-        """The training pass (one call, so DDP sees it): eps for a subset of each sample's tokens.
+        """The training pass (one call, so DDP sees it): the prediction for a subset of each sample's tokens.
 
         positions (B, N, 4), c_model (B, Cm), c_text (B, Ct), drop_text (B,) bool,
-        token_index (B, K) long, u (B*K, D) noisy tokens, t (B*K,) -> eps (B*K, D).
+        token_index (B, K) long, u (B*K, D) noisy tokens, t (B*K,) -> prediction (B*K, D).
         """
         p = self.prototypes(positions, self.condition(c_model, c_text, drop_text))  # (B, N, d)
         idx = token_index[..., None].expand(-1, -1, p.shape[-1])  # (B, K, d)

@@ -1,67 +1,61 @@
-"""Training the generator on a zoo: every checkpoint -> weight tokens, paired with a condition.
+"""Training the generator on a zoo: weight tokens + conditions -> the diffusion loss, with EMA.
 
     oral train --zoo ZOO [--zoo ...] --out GEN [--steps N] [--config YAML] [key=value ...]
 
-Data: each zoo checkpoint (a PEFT adapter dir) is loaded, optionally put in the canonical gauge,
-and tokenized by a WeightTokenizer fitted on all adapters of its LoRA layout. Its condition is
-c_model of its base and c_text of one of its task's training descriptions, drawn anew each time
-(held-out descriptions are never used). With probability `cond_dropout` the text is replaced by
-the null condition, so sampling can use classifier-free guidance.
+Data (oral.zoo_data): every zoo checkpoint as weight tokens of its LoRA layout, with c_model of
+its base and c_text of one of its task's training descriptions, drawn anew each time (held-out
+descriptions are never used). With probability `cond_dropout` the text is replaced by the null
+condition, so sampling can use classifier-free guidance.
 
 The loop (accelerate: CPU here, one or many GPUs elsewhere): all randomness of step s comes from
 a generator seeded by (seed, s, process), so a resumed run repeats an uninterrupted one exactly.
-EMA weights are what the generator exports. Checkpoints (safetensors + JSON, no pickles) are
-named by step under GEN/checkpoints/; the latest one is resumed automatically.
+The loss is `Diffusion.loss`; EMA weights (diffusers' EMAModel) are what the generator exports.
+Checkpoints (oral.training: safetensors + JSON, no pickles) are named by step under
+GEN/checkpoints/; the latest one is resumed automatically.
 
-The exported generator (GEN/config.json, GEN/model.safetensors, GEN/tokenizers/) is rewritten at
-every checkpoint, so a run stopped early still leaves a usable generator.
+The exported generator (oral.generate's format: GEN/config.json, GEN/model.safetensors,
+GEN/conditions.safetensors, GEN/tokenizers/) is rewritten at every checkpoint, so a run stopped
+early still leaves a usable generator.
 """
 
 from __future__ import annotations
 
 import csv
 import dataclasses
-import hashlib
 import io
 import json
 import logging
 import math
-import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import torch
-from safetensors.torch import load_file, save_file
-from safetensors.torch import save as save_bytes
+from accelerate import Accelerator
+from diffusers.training_utils import EMAModel
 from tqdm.auto import tqdm
 
-from oral.conditions import ConditionConfig, ConditionEncoder
+from oral.conditions import ConditionConfig
 from oral.diffusion import Diffusion, DiffusionConfig
-from oral.generator import GeneratorConfig, LoraGenerator, generator_config
-from oral.io import atomic_dir, atomic_write_bytes, atomic_write_json, atomic_write_text
-
-if TYPE_CHECKING:
-    from oral.tokens import WeightTokenizer
+from oral.generate import CONFIG_NAME, save_generator
+from oral.generator import GENERATOR_PRESETS, GeneratorConfig, GeneratorNet, generator_config
+from oral.io import atomic_write_bytes, atomic_write_text
+from oral.training import (latest_checkpoint, load_checkpoint, lr_at, resolve_device, save_checkpoint, set_lr,
+                           step_rng)
+from oral.zoo_data import prepare_training_data
 
 log = logging.getLogger(__name__)
 
-FORMAT = "oral-generator"
-FORMAT_VERSION = 1
-CONFIG_NAME = "config.json"
-WEIGHTS_NAME = "model.safetensors"
-CONDITIONS_NAME = "conditions.safetensors"
 GAUGES = ("raw", "canonical")
-DATA_DIR = "data"
+CHECKPOINTS = "checkpoints"
 
 
 class TrainError(ValueError):
-    """A training setup that cannot work (empty zoo, unknown preset, mismatched resume, ...)."""
+    """A generator training setup that cannot work (unknown preset, bad settings, a diverging loss)."""
 
 
 @dataclass
-class TrainConfig:
+class GeneratorTrainConfig:
     """How the generator is built and trained."""
 
     preset: str = "small"  # a key of oral.generator.GENERATOR_PRESETS
@@ -78,7 +72,7 @@ class TrainConfig:
     warmup_steps: int = 100
     weight_decay: float = 0.0
     grad_clip: float = 1.0
-    ema_decay: float = 0.999  # with warm-up: min(ema_decay, (1 + step) / (10 + step))
+    ema_decay: float = 0.999  # diffusers' EMAModel, with its warm-up: min(ema_decay, (1 + step) / (10 + step))
     cond_dropout: float = 0.1  # chance of the null text condition (classifier-free guidance)
     seed: int = 0
     save_every: int = 500  # steps between checkpoints (and exports)
@@ -93,360 +87,20 @@ class TrainConfig:
             raise TrainError(f"gauge must be one of {', '.join(GAUGES)}, got {self.gauge!r}")
         if self.steps < 1 or self.batch_size < 1 or self.save_every < 1 or self.log_every < 1:
             raise TrainError("steps, batch_size, save_every and log_every must all be >= 1")
-        from oral.generator import GENERATOR_PRESETS
-
         if self.preset not in GENERATOR_PRESETS:
             raise TrainError(f"unknown generator preset {self.preset!r}; choose one of {', '.join(GENERATOR_PRESETS)}")
         if not 0.0 <= self.cond_dropout < 1.0:
             raise TrainError(f"cond_dropout must be in [0, 1), got {self.cond_dropout}")
 
+    def lr_at(self, step: int) -> float:
+        """Learning rate of step `step` (1-based): warmup, then cosine to lr * min_lr_ratio."""
+        return lr_at(step, lr=self.lr, warmup_steps=self.warmup_steps, total_steps=self.steps,
+                     min_lr_ratio=self.min_lr_ratio)
+
     def generator_config(self, model_cond_dim: int, text_cond_dim: int) -> GeneratorConfig:
         return generator_config(self.preset, **{**self.model, "model_cond_dim": model_cond_dim, "text_cond_dim": text_cond_dim})
 
 
-def resolve_device(device: str) -> torch.device:
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
-
-
-# -----------------------------------------------------------------------------
-# Data: zoo checkpoints -> weight tokens + conditions
-
-
-@dataclass
-class Group:
-    """Adapters that share one LoRA layout (spec), hence one tokenizer and one token sequence."""
-
-    tokenizer: WeightTokenizer
-    tokens: torch.Tensor  # (S, N, D)
-    base_index: torch.Tensor  # (S,) long, into ZooData.bases
-    task_index: torch.Tensor  # (S,) long, into ZooData.tasks
-    c_model: dict[int, torch.Tensor]  # base index -> (Cm,) for this layout's modules
-
-
-@dataclass
-class ZooData:
-    groups: list[Group]
-    bases: list[dict]  # {"id", "metadata", "weights_sha256"}
-    tasks: list[str]
-    descriptions: list[list[str]]  # training descriptions per task
-    c_text: list[torch.Tensor]  # per task: (n_desc, Ct)
-    zoos: list[dict]  # {"path", "manifest_sha256", "records"}
-
-    @property
-    def num_samples(self) -> int:
-        return sum(len(g.tokens) for g in self.groups)
-
-
-def _get_task(record: dict):
-    from oral.tasks import TaskError, get_task
-
-    try:
-        return get_task(record["task"])
-    except TaskError:
-        key = record.get("task_key")
-        if key and key != record["task"]:
-            return get_task(key)
-        raise
-
-
-def _spec_key(spec) -> str:
-    from oral.lora import with_base
-
-    return json.dumps(with_base(spec, None).to_dict(), sort_keys=True)
-
-
-def manifest_sha256(zoo_root: Path) -> str:
-    from oral.zoo import MANIFEST
-
-    return hashlib.sha256((zoo_root / MANIFEST).read_bytes()).hexdigest()
-
-
-def load_zoo_data(zoos: list[str | Path], cfg: TrainConfig, encoder: ConditionEncoder) -> ZooData:
-    """Read every selected checkpoint of the zoos, tokenize per layout, and build the conditions."""
-    from oral.lora import canonicalize, load_adapter
-    from oral.models import load_base, load_base_config
-    from oral.tokens import WeightTokenizer
-    from oral.zoo import Zoo
-
-    token_size = cfg.generator_config(0, 0).token_size
-    records: list[tuple[Zoo, dict]] = []
-    zoo_info = []
-    for z in zoos:
-        zoo = Zoo(z)
-        if not zoo.manifest.exists():
-            raise TrainError(f"{zoo.root} is not a zoo (no manifest.jsonl); make one with `oral zoo`")
-        recs = zoo.records()
-        if cfg.tasks:
-            recs = [r for r in recs if r["task"] in cfg.tasks]
-        if cfg.final_only:
-            recs = [r for r in recs if r.get("final")]
-        records += [(zoo, r) for r in recs]
-        zoo_info.append({"path": str(zoo.root), "manifest_sha256": manifest_sha256(zoo.root), "records": len(recs)})
-    if not records:
-        raise TrainError(f"no finished checkpoints in zoo(s) {', '.join(map(str, zoos))}"
-                         + (f" for tasks {cfg.tasks}" if cfg.tasks else "") + "; run `oral zoo` first")
-
-    # 1) adapters, grouped by layout
-    by_layout: dict[str, dict] = {}
-    for zoo, r in tqdm(records, desc="reading zoo", unit="adapter", disable=None):
-        spec, state = load_adapter(zoo.path(r))
-        if cfg.gauge == "canonical":
-            state = canonicalize(spec, state)
-        g = by_layout.setdefault(_spec_key(spec), {"spec": spec, "states": [], "records": []})
-        g["states"].append(state)
-        g["records"].append(r)
-
-    # 2) tasks and their training descriptions (never the held-out ones)
-    task_names = sorted({r["task"] for _, r in records})
-    task_objs = {r["task"]: _get_task(r) for _, r in records}
-    descriptions = [list(task_objs[t].descriptions) for t in task_names]
-    c_text = [encoder.text_condition(d) for d in descriptions]
-
-    # 3) bases: metadata string and fingerprint per layout
-    base_ids = sorted({r["base"] for _, r in records})
-    bases, groups = [], []
-    layouts = list(by_layout.values())
-    c_models: list[dict[int, torch.Tensor]] = [dict() for _ in layouts]
-    for bi, b in enumerate(base_ids):
-        model = load_base(b)[0] if cfg.conditions.fingerprint else None
-        config = model.config if model is not None else load_base_config(b)
-        from oral.conditions import model_metadata
-
-        shas = {r.get("base_fingerprint") for _, r in records if r["base"] == b}
-        bases.append({"id": b, "metadata": model_metadata(config), "weights_sha256": sorted(s for s in shas if s)})
-        for li, lay in enumerate(layouts):
-            if any(r["base"] == b for r in lay["records"]):
-                names = [m.name for m in lay["spec"].modules]
-                c_models[li][bi] = encoder.model_condition(config, model, names)
-        del model
-
-    # 4) tokens
-    for li, lay in enumerate(layouts):
-        tok = WeightTokenizer(lay["spec"], token_size).fit(lay["states"], center=cfg.center)
-        tokens = torch.empty(len(lay["states"]), tok.num_tokens, token_size)  # (S, N, D)
-        for i, st in enumerate(lay["states"]):
-            tok.encode(st, out=tokens[i])
-        groups.append(Group(
-            tokenizer=tok,
-            tokens=tokens,
-            base_index=torch.tensor([base_ids.index(r["base"]) for r in lay["records"]]),
-            task_index=torch.tensor([task_names.index(r["task"]) for r in lay["records"]]),
-            c_model=c_models[li],
-        ))
-    return ZooData(groups, bases, task_names, descriptions, c_text, zoo_info)
-
-
-def _data_key(zoos: list[str | Path], cfg: TrainConfig) -> dict:
-    """What the prepared data depends on: the zoo manifests and the data-shaping config fields."""
-    from oral.zoo import Zoo
-
-    return {
-        "zoos": [manifest_sha256(Zoo(z).root) for z in zoos],
-        "token_size": cfg.generator_config(0, 0).token_size,
-        "conditions": dataclasses.asdict(cfg.conditions),
-        **{k: getattr(cfg, k) for k in ("gauge", "center", "tasks", "final_only")},
-    }
-
-
-def save_zoo_data(data: ZooData, cfg: TrainConfig, path: Path) -> None:
-    """The prepared training data (tokens, conditions, tokenizers) as safetensors + JSON, so a
-    resumed run, or a run on another machine, needs neither the zoo's adapters nor the encoder."""
-    tensors = {}
-    for gi, g in enumerate(data.groups):
-        tensors[f"g{gi}.tokens"] = g.tokens.contiguous()
-        tensors[f"g{gi}.base_index"] = g.base_index
-        tensors[f"g{gi}.task_index"] = g.task_index
-        for bi, v in g.c_model.items():
-            tensors[f"g{gi}.c_model.{bi}"] = v.contiguous()
-    for ti, c in enumerate(data.c_text):
-        tensors[f"c_text.{ti}"] = c.contiguous()
-    meta = {"key": _data_key([z["path"] for z in data.zoos], cfg), "bases": data.bases, "tasks": data.tasks,
-            "descriptions": data.descriptions, "zoos": data.zoos, "groups": len(data.groups)}
-    with atomic_dir(path, overwrite=True) as tmp:
-        for gi, g in enumerate(data.groups):
-            g.tokenizer.save(tmp / "tokenizers" / str(gi))
-        save_file(tensors, str(tmp / "data.safetensors"))
-        (tmp / "data.json").write_text(json.dumps(meta, indent=1))
-
-
-def cached_zoo_data(out: Path, zoos: list[str | Path], cfg: TrainConfig) -> ZooData | None:
-    """The data saved by an earlier run into OUT/data, when it was made from the same zoos and
-    config (a zoo that is not on this machine is taken on trust from the saved hash)."""
-    from oral.tokens import WeightTokenizer
-    from oral.zoo import Zoo
-
-    path = out / DATA_DIR
-    if not (path / "data.json").exists():
-        return None
-    meta = json.loads((path / "data.json").read_text())
-    want = {**meta["key"]}
-    have = {**want, **{k: v for k, v in _data_key([], cfg).items() if k != "zoos"}}
-    local = [Zoo(z).root for z in zoos]
-    if all((r / "manifest.jsonl").exists() for r in local):
-        have["zoos"] = [manifest_sha256(r) for r in local]
-    if have != want:
-        log.info("prepared data in %s is stale; reading the zoo again", path)
-        return None
-    t = load_file(str(path / "data.safetensors"))
-    groups = []
-    for gi in range(meta["groups"]):
-        prefix = f"g{gi}.c_model."
-        groups.append(Group(
-            tokenizer=WeightTokenizer.load(path / "tokenizers" / str(gi)),
-            tokens=t[f"g{gi}.tokens"],
-            base_index=t[f"g{gi}.base_index"],
-            task_index=t[f"g{gi}.task_index"],
-            c_model={int(k[len(prefix):]): v for k, v in t.items() if k.startswith(prefix)},
-        ))
-    c_text = [t[f"c_text.{i}"] for i in range(len(meta["tasks"]))]
-    return ZooData(groups, meta["bases"], meta["tasks"], meta["descriptions"], c_text, meta["zoos"])
-
-
-def prepare_training_data(zoos: list[str | Path], out: str | Path, cfg: TrainConfig, save: bool = True) -> ZooData:
-    """OUT/data if it is up to date, else the zoos read, tokenized and encoded (and saved to OUT/data).
-
-    Preparing once and copying OUT to another machine lets that machine train without the zoo,
-    the base models or the text encoder.
-    """
-    out = Path(out)
-    data = cached_zoo_data(out, zoos, cfg)
-    if data is None:
-        data = load_zoo_data([Path(z) for z in zoos], cfg, ConditionEncoder(cfg.conditions, device="cpu"))
-        if save:
-            save_zoo_data(data, cfg, out / DATA_DIR)
-    return data
-
-
-# -----------------------------------------------------------------------------
-# Schedules and EMA
-
-
-def lr_at(step: int, cfg: TrainConfig) -> float:
-    """1) linear warmup to lr, 2) cosine decay to lr * min_lr_ratio at the last step."""
-    if step < cfg.warmup_steps:
-        return cfg.lr * (step + 1) / cfg.warmup_steps
-    progress = (step - cfg.warmup_steps) / max(1, cfg.steps - cfg.warmup_steps)
-    coeff = 0.5 * (1.0 + math.cos(math.pi * min(progress, 1.0)))
-    return cfg.lr * (cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * coeff)
-
-
-@torch.no_grad()
-def ema_update(ema: dict[str, torch.Tensor], model: torch.nn.Module, step: int, decay: float) -> None:
-    d = min(decay, (1 + step) / (10 + step))
-    for name, p in model.named_parameters():
-        ema[name].mul_(d).add_(p.detach(), alpha=1 - d)
-
-
-# -----------------------------------------------------------------------------
-# Checkpoints: safetensors + JSON only
-
-
-def _optimizer_to_safetensors(opt: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], dict]:
-    sd = opt.state_dict()
-    tensors, scalars = {}, {}
-    for pid, st in sd["state"].items():
-        for k, v in st.items():
-            if torch.is_tensor(v):
-                tensors[f"{pid}.{k}"] = v.detach().cpu().contiguous()
-            else:
-                scalars[f"{pid}.{k}"] = v
-    return tensors, {"param_groups": sd["param_groups"], "scalars": scalars}
-
-
-def _optimizer_from_safetensors(opt: torch.optim.Optimizer, tensors: dict, meta: dict) -> None:
-    state: dict[int, dict] = {}
-    for key, v in tensors.items():
-        pid, k = key.split(".", 1)
-        state.setdefault(int(pid), {})[k] = v
-    for key, v in meta["scalars"].items():
-        pid, k = key.split(".", 1)
-        state.setdefault(int(pid), {})[k] = v
-    opt.load_state_dict({"state": state, "param_groups": meta["param_groups"]})
-
-
-def checkpoint_dirs(out: Path) -> list[Path]:
-    d = out / "checkpoints"
-    return sorted(p for p in d.iterdir() if p.is_dir() and p.name.isdigit()) if d.is_dir() else []
-
-
-def save_checkpoint(out: Path, step: int, model: torch.nn.Module, ema: dict, opt: torch.optim.Optimizer,
-                    run_key: dict, keep: int) -> Path:
-    """GEN/checkpoints/<step:07d>/: model, EMA and optimizer tensors (safetensors) + state.json."""
-    final = out / "checkpoints" / f"{step:07d}"
-    opt_tensors, opt_meta = _optimizer_to_safetensors(opt)
-    with atomic_dir(final, overwrite=True) as tmp:
-        save_file({k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}, str(tmp / "model.safetensors"))
-        save_file({k: v.cpu().contiguous() for k, v in ema.items()}, str(tmp / "ema.safetensors"))
-        save_file(opt_tensors, str(tmp / "optimizer.safetensors"))
-        (tmp / "state.json").write_text(json.dumps({"step": step, "run": run_key, "optimizer": opt_meta}, indent=1))
-    for old in checkpoint_dirs(out)[:-keep] if keep > 0 else []:
-        shutil.rmtree(old, ignore_errors=True)
-    return final
-
-
-def load_checkpoint(ckpt: Path, model: torch.nn.Module, ema: dict, opt: torch.optim.Optimizer, run_key: dict) -> int:
-    state = json.loads((ckpt / "state.json").read_text())
-    if state["run"] != run_key:
-        diff = sorted(k for k in set(state["run"]) | set(run_key) if state["run"].get(k) != run_key.get(k))
-        raise TrainError(
-            f"{ckpt} was made by a different training setup (differs in: {', '.join(diff)}); "
-            f"resume with the same zoo and config, or give a new --out"
-        )
-    device = next(model.parameters()).device
-    model.load_state_dict({k: v.to(device) for k, v in load_file(str(ckpt / "model.safetensors")).items()})
-    for k, v in load_file(str(ckpt / "ema.safetensors")).items():
-        ema[k].copy_(v)
-    tensors = {k: v.to(device) for k, v in load_file(str(ckpt / "optimizer.safetensors")).items()}
-    for k in [k for k in tensors if k.endswith(".step")]:
-        tensors[k] = tensors[k].cpu()  # AdamW keeps `step` on CPU
-    _optimizer_from_safetensors(opt, tensors, state["optimizer"])
-    return int(state["step"])
-
-
-# -----------------------------------------------------------------------------
-# Export: what Generator.from_pretrained reads
-
-
-def export_generator(out: Path, net_cfg: GeneratorConfig, ema: dict, data: ZooData, cfg: TrainConfig,
-                     step: int, wall_s: float) -> None:
-    """Write GEN/config.json, GEN/model.safetensors (EMA weights), GEN/conditions.safetensors and
-    GEN/tokenizers/<i>/ (each file atomically)."""
-    groups = []
-    for i, g in enumerate(data.groups):
-        g.tokenizer.save(out / "tokenizers" / str(i))
-        groups.append({
-            "tokenizer": f"tokenizers/{i}",
-            "spec": g.tokenizer.spec.to_dict(),
-            "num_tokens": g.tokenizer.num_tokens,
-            "num_samples": len(g.tokens),
-            "bases": sorted({data.bases[int(b)]["id"] for b in g.base_index}),
-        })
-    cond_tensors = {f"c_model.{gi}.{bi}": v.contiguous() for gi, g in enumerate(data.groups) for bi, v in g.c_model.items()}
-    atomic_write_bytes(out / CONDITIONS_NAME, save_bytes(cond_tensors))
-    atomic_write_bytes(out / WEIGHTS_NAME, save_bytes({k: v.detach().cpu().contiguous() for k, v in ema.items()}))
-    from oral.conditions import text_hash
-
-    atomic_write_json(out / CONFIG_NAME, {
-        "format": FORMAT,
-        "format_version": FORMAT_VERSION,
-        "step": step,
-        "wall_s": round(wall_s, 1),
-        "generator": dataclasses.asdict(net_cfg),
-        "train": dataclasses.asdict(cfg),
-        "conditions": {
-            **dataclasses.asdict(cfg.conditions),
-            "model_cond_dim": net_cfg.model_cond_dim,
-            "text_cond_dim": net_cfg.text_cond_dim,
-            "bases": data.bases,
-            "tasks": {t: {"descriptions": d, "descriptions_hash": text_hash(d)} for t, d in zip(data.tasks, data.descriptions)},
-        },
-        "gauge": cfg.gauge,
-        "groups": groups,
-        "zoos": data.zoos,
-        "num_samples": data.num_samples,
-    })
 
 
 # -----------------------------------------------------------------------------
@@ -500,19 +154,21 @@ def _write_log(out: Path, rows: list[dict]) -> None:
 # The training loop
 
 
-def train_generator(zoos: list[str | Path], out: str | Path, cfg: TrainConfig | None = None,
+def _ema_weights(net: torch.nn.Module, ema: EMAModel) -> dict[str, torch.Tensor]:
+    """The EMA weights by parameter name."""
+    return {n: s for (n, _), s in zip(net.named_parameters(), ema.shadow_params)}
+
+
+def train_generator(zoos: list[str | Path], out: str | Path, cfg: GeneratorTrainConfig | None = None,
                     stop_at: int | None = None) -> Path:
     """Train (or resume) a generator on the zoos into `out`; returns `out`.
 
     stop_at: stop after this step (a checkpoint is written there), as if interrupted; the run
     resumes from it when called again. Used to test resumption.
     """
-    from accelerate import Accelerator
-
-    cfg = cfg or TrainConfig()
+    cfg = cfg or GeneratorTrainConfig()
     out = Path(out)
-    device = resolve_device(cfg.device)
-    accelerator = Accelerator(cpu=device.type == "cpu")
+    accelerator = Accelerator(cpu=resolve_device(cfg.device).type == "cpu")
     device = accelerator.device
     main = accelerator.is_main_process
 
@@ -523,11 +179,11 @@ def train_generator(zoos: list[str | Path], out: str | Path, cfg: TrainConfig | 
     log.info("training data: %d adapters in %d layout(s), %d base(s), %d task(s)",
              data.num_samples, len(data.groups), len(data.bases), len(data.tasks))
 
-    # 2) model, optimizer, EMA
+    # 2) network, optimizer, EMA
     torch.manual_seed(cfg.seed)
-    model = LoraGenerator(net_cfg).to(device)
-    ema = {k: v.detach().clone() for k, v in model.named_parameters()}
-    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    net = GeneratorNet(net_cfg).to(device)
+    ema = EMAModel(net.parameters(), decay=cfg.ema_decay)
+    opt = torch.optim.AdamW(net.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     diffusion = Diffusion(cfg.diffusion)
     run_key = {
         "train": json.loads(json.dumps(dataclasses.asdict(cfg))),
@@ -538,13 +194,17 @@ def train_generator(zoos: list[str | Path], out: str | Path, cfg: TrainConfig | 
     run_key["train"].pop("device")
 
     start = 0
-    ckpts = checkpoint_dirs(out)
-    if ckpts:
-        start = load_checkpoint(ckpts[-1], model, ema, opt, run_key)
-        log.info("resumed from %s (step %d)", ckpts[-1], start)
+    last = latest_checkpoint(out / CHECKPOINTS)
+    if last is not None:
+        state, extra = load_checkpoint(last, net, opt, run_key, tensors=("ema",),
+                                       fix=f"resume with the same zoo and config, or give a new --out than {out}")
+        with torch.no_grad():
+            for s, (name, _) in zip(ema.shadow_params, net.named_parameters()):
+                s.copy_(extra["ema"][name])
+        start = ema.optimization_step = int(state["step"])
+        log.info("resumed from %s (step %d)", last, start)
     rows = [r for r in read_loss_log(out) if r["step"] <= start]
-    model, opt = accelerator.prepare(model, opt)
-    raw = accelerator.unwrap_model(model)
+    model, opt = accelerator.prepare(net, opt)
 
     # device copies of the data
     groups = [(g, g.tokens.to(device), g.tokenizer.positions.to(device), g.tokenizer.mask.to(device)) for g in data.groups]
@@ -555,54 +215,60 @@ def train_generator(zoos: list[str | Path], out: str | Path, cfg: TrainConfig | 
     end = cfg.steps if stop_at is None else min(cfg.steps, stop_at)
     t0 = time.time() - (rows[-1]["wall_s"] if rows else 0.0)
     bar = tqdm(range(start, end), initial=start, total=cfg.steps, desc="train generator", disable=None if main else True)
-    step = start
     for step in bar:
-        # one generator per (seed, step, process): resumption repeats the same draws
-        g = torch.Generator().manual_seed((cfg.seed * 1_000_003 + step) * 64 + accelerator.process_index)
+        done = step + 1  # this optimizer step, 1-based
+        rng = step_rng(cfg.seed, step, accelerator.process_index)
 
         # 1) a batch of adapters from one layout (layouts drawn in proportion to their size)
-        gi = int(torch.multinomial(sizes, 1, generator=g)) if len(groups) > 1 else 0
+        gi = int(torch.multinomial(sizes, 1, generator=rng)) if len(groups) > 1 else 0
         group, tokens, positions, mask = groups[gi]
         S, N, D = tokens.shape
-        idx = torch.randint(0, S, (cfg.batch_size,), generator=g)
         B = cfg.batch_size
+        idx = torch.randint(0, S, (B,), generator=rng)
         # 2) conditions: the sample's base; a random training description of its task, or null
         cm = torch.stack([c_model[gi][int(b)] for b in group.base_index[idx]])  # (B, Cm)
-        ct = torch.stack([c_text[int(t)][int(torch.randint(0, len(c_text[int(t)]), (1,), generator=g))]
+        ct = torch.stack([c_text[int(t)][int(torch.randint(0, len(c_text[int(t)]), (1,), generator=rng))]
                           for t in group.task_index[idx]])  # (B, Ct)
-        drop = (torch.rand(B, generator=g) < cfg.cond_dropout).to(device)
-        # 3) a random subset of each sample's tokens, noised
+        drop = (torch.rand(B, generator=rng) < cfg.cond_dropout).to(device)  # (B,) null text
+        # 3) a random subset of each sample's tokens
         K = N if cfg.tokens_per_sample <= 0 else min(cfg.tokens_per_sample, N)
-        tok_idx = torch.rand(B, N, generator=g).argsort(dim=1)[:, :K].to(device)  # (B, K)
+        tok_idx = torch.rand(B, N, generator=rng).argsort(dim=1)[:, :K].to(device)  # (B, K)
         x0 = torch.gather(tokens[idx.to(device)], 1, tok_idx[..., None].expand(-1, -1, D)).reshape(B * K, D)
         m = mask[tok_idx].reshape(B * K, D)  # (B*K, D)
-        x_t, t, noise = diffusion.add_noise(x0, g)
-        # 4) eps-prediction loss on real values, one optimizer step, EMA
-        lr = lr_at(step, cfg)
-        for pg in opt.param_groups:
-            pg["lr"] = lr
-        eps = model(positions.expand(B, -1, -1), cm, ct, drop, tok_idx, x_t, t)
-        loss = Diffusion.masked_mse(eps, noise, m)
+
+        # 4) the diffusion loss on real values, one optimizer step, EMA
+        def denoise(x_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+            return model(positions.expand(B, -1, -1), cm, ct, drop, tok_idx, x_t, t)  # (B*K, D)
+
+        lr = cfg.lr_at(done)
+        set_lr(opt, lr)
+        loss = diffusion.loss(denoise, x0, m, rng)
+        if not math.isfinite(loss.item()):
+            raise TrainError(f"the loss became {loss.item()} at step {done}; lower lr or raise grad_clip")
         opt.zero_grad(set_to_none=True)
         accelerator.backward(loss)
         if cfg.grad_clip > 0:
             accelerator.clip_grad_norm_(model.parameters(), cfg.grad_clip)
         opt.step()
-        ema_update(ema, raw, step, cfg.ema_decay)
+        ema.step(net.parameters())
 
-        done = step + 1
-        if not math.isfinite(loss.item()):
-            raise TrainError(f"the loss became {loss.item()} at step {done}; lower lr or raise grad_clip")
         if main and (done % cfg.log_every == 0 or done == end):
             rows.append({"step": done, "loss": loss.item(), "lr": lr, "wall_s": time.time() - t0})
             bar.set_postfix(loss=f"{loss.item():.4f}", lr=f"{lr:.2e}")
         if main and (done % cfg.save_every == 0 or done == end):
-            save_checkpoint(out, done, raw, ema, opt, run_key, cfg.keep_checkpoints)
-            export_generator(out, net_cfg, ema, data, cfg, done, time.time() - t0)
+            save_checkpoint(out / CHECKPOINTS, done, net, opt, run_key, tensors={"ema": _ema_weights(net, ema)},
+                            keep=cfg.keep_checkpoints)
+            _export(out, net_cfg, _ema_weights(net, ema), data, cfg, done, time.time() - t0)
             _write_log(out, rows)
             _write_plot(out, rows, f"masked MSE ({cfg.diffusion.prediction_type} prediction)")
     bar.close()
     accelerator.wait_for_everyone()
     if main and start >= end and not (out / CONFIG_NAME).exists():
-        export_generator(out, net_cfg, ema, data, cfg, start, time.time() - t0)
+        _export(out, net_cfg, _ema_weights(net, ema), data, cfg, start, time.time() - t0)
     return out
+
+
+def _export(out: Path, net_cfg: GeneratorConfig, weights: dict, data, cfg: GeneratorTrainConfig, step: int,
+            wall_s: float) -> None:
+    save_generator(out, net_cfg, weights, data, train=dataclasses.asdict(cfg), gauge=cfg.gauge, step=step,
+                   wall_s=wall_s)

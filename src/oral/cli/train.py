@@ -24,10 +24,11 @@ def run(args) -> int:
     import time
 
     from oral.config import load_config
-    from oral.train import CONFIG_NAME, TrainConfig, read_loss_log, train_generator
+    from oral.generate import CONFIG_NAME
+    from oral.train import GeneratorTrainConfig, read_loss_log, train_generator
 
     overrides = list(args.overrides) + ([f"steps={args.steps}"] if args.steps is not None else [])
-    cfg = load_config(TrainConfig, args.config, overrides)
+    cfg = load_config(GeneratorTrainConfig, args.config, overrides)
     t0 = time.time()
     out = train_generator(args.zoo, args.out, cfg)
     rows = read_loss_log(out)
