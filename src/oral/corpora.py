@@ -10,13 +10,16 @@ packages, never copied into the repository:
 
 A local file (any path ending in .txt, or any existing file) is split into paragraphs on blank
 lines. A named corpus is read from its package once and cached under $ORAL_HOME/corpora (remove
-the cache file to read it again). `split_documents` gives every corpus a fixed held-out part.
+the cache file to read it again; a damaged one is read again by itself). `split_documents` gives
+every corpus a fixed held-out part.
 """
 
 import gzip
 import hashlib
 import io
 import json
+import logging
+import lzma
 import re
 import shutil
 import subprocess
@@ -28,8 +31,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
-from oral.io import atomic_dir, atomic_write_bytes, file_lock
+from oral.io import DamagedFileError, atomic_dir, atomic_write_bytes, file_lock
 from oral.paths import oral_home
+
+log = logging.getLogger(__name__)
 
 
 class CorpusError(ValueError):
@@ -41,6 +46,8 @@ R_LIBRARY_DIRS = [Path("/usr/lib/R/site-library/janeaustenr"), Path("/usr/share/
 AUSTEN_NOVELS = ["sensesensibility", "prideprejudice", "mansfieldpark", "emma", "northangerabbey", "persuasion"]
 APT_FORTUNES = "apt-get install fortunes fortunes-min"
 APT_BIBLE = "apt-get install bible-kjv"
+# What a truncated or garbled compressed file raises (gzip, zlib, xz, tar).
+_COMPRESSED_DAMAGE = (EOFError, gzip.BadGzipFile, zlib.error, lzma.LZMAError, tarfile.TarError)
 
 
 def _austen_deb_candidates() -> list[Path]:
@@ -74,19 +81,26 @@ def _kjv() -> list[str]:
 # Jane Austen (R package data: a lazy-load database of compressed serialized R objects)
 
 
-def _ar_member(deb: bytes, prefix: str) -> bytes:
+def _deb_fix(deb_path: Path) -> str:
+    return f"download it again: `apt-get download r-cran-janeaustenr && mv r-cran-janeaustenr_*.deb {deb_path}`"
+
+
+def _ar_member(deb_path: Path, prefix: str) -> bytes:
     """The first member of a Debian `ar` archive whose name starts with `prefix`."""
+    deb = deb_path.read_bytes()
     if not deb.startswith(b"!<arch>\n"):
-        raise CorpusError("not a Debian package (no ar header)")
+        raise DamagedFileError(deb_path, "not a Debian package: no ar header", _deb_fix(deb_path))
     pos = 8
     while pos + 60 <= len(deb):
         header = deb[pos : pos + 60]
-        name = header[:16].decode().strip().rstrip("/")
-        size = int(header[48:58].decode().strip())
+        name = header[:16].decode(errors="replace").strip().rstrip("/")
+        size = header[48:58].decode(errors="replace").strip()
+        if not size.isdigit():
+            raise DamagedFileError(deb_path, f"bad ar member header at byte {pos}", _deb_fix(deb_path))
         if name.startswith(prefix):
-            return deb[pos + 60 : pos + 60 + size]
-        pos += 60 + size + (size % 2)
-    raise CorpusError(f"no {prefix}* member in the Debian package")
+            return deb[pos + 60 : pos + 60 + int(size)]
+        pos += 60 + int(size) + (int(size) % 2)
+    raise DamagedFileError(deb_path, f"no {prefix}* member", _deb_fix(deb_path))
 
 
 def _extract_austen_deb(deb_path: Path, dest: Path) -> None:
@@ -94,22 +108,30 @@ def _extract_austen_deb(deb_path: Path, dest: Path) -> None:
     with file_lock(dest.parent / ".janeaustenr.lock"):
         if (dest / "Rdata.rdx").exists():
             return
-        data_tar = _ar_member(deb_path.read_bytes(), "data.tar")
-        with atomic_dir(dest, overwrite=True) as tmp:
-            try:
-                with tarfile.open(fileobj=io.BytesIO(data_tar), mode="r:*") as tar:
-                    for member in tar.getmembers():
-                        if member.isfile() and re.search(r"janeaustenr/data/Rdata\.rd[bx]$", member.name):
-                            (tmp / Path(member.name).name).write_bytes(tar.extractfile(member).read())
-            except tarfile.ReadError:  # a compression Python's tarfile lacks: let dpkg-deb do it
-                if shutil.which("dpkg-deb") is None:
-                    raise CorpusError(f"cannot unpack {deb_path}: install dpkg or extract it by hand") from None
-                subprocess.run(["dpkg-deb", "-x", str(deb_path), str(tmp / "x")], check=True)
-                for f in (tmp / "x").rglob("Rdata.rd[bx]"):
-                    f.rename(tmp / f.name)
-                shutil.rmtree(tmp / "x")
-            if not (tmp / "Rdata.rdx").exists():
-                raise CorpusError(f"{deb_path} holds no janeaustenr/data/Rdata.rdx")
+        try:
+            _unpack_austen_data(deb_path, dest)
+        except (*_COMPRESSED_DAMAGE, subprocess.CalledProcessError) as e:
+            raise DamagedFileError(deb_path, f"cannot unpack: {e}", _deb_fix(deb_path)) from None
+
+
+def _unpack_austen_data(deb_path: Path, dest: Path) -> None:
+    """The unlocked body of `_extract_austen_deb`."""
+    data_tar = _ar_member(deb_path, "data.tar")
+    with atomic_dir(dest, overwrite=True) as tmp:
+        try:
+            with tarfile.open(fileobj=io.BytesIO(data_tar), mode="r:*") as tar:
+                for member in tar.getmembers():
+                    if member.isfile() and re.search(r"janeaustenr/data/Rdata\.rd[bx]$", member.name):
+                        (tmp / Path(member.name).name).write_bytes(tar.extractfile(member).read())
+        except tarfile.ReadError:  # a compression Python's tarfile lacks: let dpkg-deb do it
+            if shutil.which("dpkg-deb") is None:
+                raise CorpusError(f"cannot unpack {deb_path}: install dpkg or extract it by hand") from None
+            subprocess.run(["dpkg-deb", "-x", str(deb_path), str(tmp / "x")], check=True)
+            for f in (tmp / "x").rglob("Rdata.rd[bx]"):
+                f.rename(tmp / f.name)
+            shutil.rmtree(tmp / "x")
+        if not (tmp / "Rdata.rdx").exists():
+            raise CorpusError(f"{deb_path} holds no janeaustenr/data/Rdata.rdx")
 
 
 def _austen_data_dir() -> Path:
@@ -141,13 +163,23 @@ def _read_lazyload_db(data_dir: Path) -> dict[str, list[str]]:
             warnings.simplefilter("ignore")  # "Unknown file type: assumed RDS": it is a bare serialization
             return rdata.conversion.convert(rdata.parser.parse_data(raw))
 
-    index = parse(gzip.decompress((data_dir / "Rdata.rdx").read_bytes()))
+    if data_dir.is_relative_to(oral_home()):
+        fix = f"delete {data_dir} (it is extracted again on next use)"
+    else:
+        fix = "reinstall it: `apt-get install --reinstall r-cran-janeaustenr`"
+    try:
+        index = parse(gzip.decompress((data_dir / "Rdata.rdx").read_bytes()))
+    except _COMPRESSED_DAMAGE as e:
+        raise DamagedFileError(data_dir / "Rdata.rdx", str(e), fix) from None
     blob = (data_dir / "Rdata.rdb").read_bytes()
     out = {}
     for name, (offset, length) in index["variables"].items():
         chunk = blob[int(offset) : int(offset) + int(length)]
         # Each entry: a 4-byte big-endian uncompressed length, then a zlib stream.
-        out[str(name)] = [str(s) for s in parse(zlib.decompress(chunk[4:]))]
+        try:
+            out[str(name)] = [str(s) for s in parse(zlib.decompress(chunk[4:]))]
+        except _COMPRESSED_DAMAGE as e:
+            raise DamagedFileError(data_dir / "Rdata.rdb", f"entry {name}: {e}", fix) from None
     return out
 
 
@@ -274,7 +306,14 @@ def _cached(corpus: EmbeddedCorpus) -> list[str]:
     """A named corpus's documents, read from its package once, then from $ORAL_HOME/corpora/<name>.json.gz."""
     path = oral_home() / "corpora" / f"{corpus.name}.json.gz"
     if path.is_file():
-        return json.loads(gzip.decompress(path.read_bytes()))["documents"]
+        try:
+            docs = json.loads(gzip.decompress(path.read_bytes()))["documents"]
+            if isinstance(docs, list) and all(isinstance(d, str) for d in docs):
+                return docs
+            damage = "its documents are not a list of strings"
+        except (*_COMPRESSED_DAMAGE, UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError) as e:
+            damage = f"{type(e).__name__}: {e}"
+        log.warning("%s is damaged (%s); reading the corpus from its package again", path, damage)
     docs = corpus.load()
     blob = json.dumps({"name": corpus.name, "documents": docs}, ensure_ascii=False).encode("utf-8")
     atomic_write_bytes(path, gzip.compress(blob, mtime=0))

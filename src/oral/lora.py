@@ -22,16 +22,16 @@ import torch
 from peft import LoraConfig, PeftModel
 from peft.tuners.tuners_utils import check_target_module_exists
 from peft.utils.other import get_pattern_key
-from safetensors import safe_open
 from safetensors.torch import save_file
 from transformers import AutoConfig, AutoModelForCausalLM, PretrainedConfig
 
-from oral.io import atomic_dir, atomic_write_json
+from oral.io import atomic_dir, atomic_write_json, load_safetensors, open_safetensors, parse_json, read_json
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
 PROVENANCE_NAME = "oral_provenance.json"
 PROVENANCE_METADATA_KEY = "oral_provenance"
+ADAPTER_FIX = "regenerate or retrain that adapter"  # how to rebuild a damaged adapter dir
 KEY_PREFIX = "base_model.model."
 _KEY_RE = re.compile(r"^base_model\.model\.(?P<name>.+)\.lora_(?P<ab>[AB])\.weight$")
 _LAYER_RE = re.compile(r"\.(\d+)(?:\.|$)")
@@ -195,7 +195,7 @@ class LoraSpec:
         """The spec of a PEFT adapter dir, from its config and the tensor headers (no data read)."""
         path = Path(path)
         config = _read_lora_config(path)
-        with safe_open(str(path / WEIGHTS_NAME), framework="pt") as f:
+        with open_safetensors(path / WEIGHTS_NAME, ADAPTER_FIX) as f:
             shapes = {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
         return _spec_from_config_and_shapes(config, shapes)
 
@@ -359,7 +359,7 @@ def adapter_state_from_peft_model(peft_model: PeftModel, adapter_name: str = "de
 def _read_lora_config(path: Path) -> LoraConfig:
     if not (path / CONFIG_NAME).exists() or not (path / WEIGHTS_NAME).exists():
         raise AdapterError(f"{path} is not a PEFT adapter dir: it needs {CONFIG_NAME} and {WEIGHTS_NAME}")
-    raw = json.loads((path / CONFIG_NAME).read_text())
+    raw = read_json(path / CONFIG_NAME, ADAPTER_FIX)
     if raw.get("peft_type", "LORA") != "LORA":
         raise AdapterError(f"{path} holds a {raw.get('peft_type')} adapter; only LoRA adapters are supported")
     try:
@@ -405,10 +405,7 @@ def load_adapter(path: str | Path, validate: bool = True) -> tuple[LoraSpec, dic
     """Read a PEFT adapter dir -> (spec, state); validated unless `validate=False`."""
     path = Path(path)
     config = _read_lora_config(path)
-    state: dict[str, torch.Tensor] = {}
-    with safe_open(str(path / WEIGHTS_NAME), framework="pt") as f:
-        for k in f.keys():
-            state[k] = f.get_tensor(k)
+    state = load_safetensors(path / WEIGHTS_NAME, ADAPTER_FIX)
     spec = _spec_from_config_and_shapes(config, {k: tuple(v.shape) for k, v in state.items()})
     if validate:
         validate_adapter(spec, state)
@@ -419,12 +416,12 @@ def read_provenance(path: str | Path) -> dict | None:
     """The provenance record written with an adapter (side file first, then safetensors metadata)."""
     path = Path(path)
     if (path / PROVENANCE_NAME).exists():
-        return json.loads((path / PROVENANCE_NAME).read_text())
+        return read_json(path / PROVENANCE_NAME, ADAPTER_FIX)
     if (path / WEIGHTS_NAME).exists():
-        with safe_open(str(path / WEIGHTS_NAME), framework="pt") as f:
+        with open_safetensors(path / WEIGHTS_NAME, ADAPTER_FIX) as f:
             meta = f.metadata() or {}
         if PROVENANCE_METADATA_KEY in meta:
-            return json.loads(meta[PROVENANCE_METADATA_KEY])
+            return parse_json(meta[PROVENANCE_METADATA_KEY], path / WEIGHTS_NAME, ADAPTER_FIX)
     return None
 
 

@@ -4,6 +4,7 @@ import hashlib
 import importlib.metadata
 import json
 import logging
+import shlex
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -12,12 +13,13 @@ import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM
 from transformers import PretrainedConfig, PreTrainedModel, PreTrainedTokenizerBase
 
-from oral.io import atomic_dir, file_lock
+from oral.io import DamagedFileError, atomic_dir, file_lock, open_safetensors, read_json
 from oral.paths import oral_home
 
 log = logging.getLogger(__name__)
 
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+EVOLVE_RUN_INFO = "oral_evolve.json"  # written by oral.evolve beside each evolved model
 
 
 class ModelError(ValueError):
@@ -84,7 +86,7 @@ def tiny_llama_dir() -> Path:
     out = oral_home() / "models" / "tiny-llama"
     if (out / "config.json").exists():
         return out
-    tok = AutoTokenizer.from_pretrained(str(smollm2_dir()))
+    tok = AutoTokenizer.from_pretrained(resolve("smollm2-135m"))
     with file_lock(oral_home() / "models" / ".tiny-llama.lock"):
         if (out / "config.json").exists():
             return out
@@ -128,15 +130,57 @@ def resolve(name_or_path: str | Path) -> str:
     """An embedded name -> its cached dir; a local dir -> itself; anything else: a hub id."""
     name = str(name_or_path)
     if name in EMBEDDED:
-        return str(EMBEDDED[name].directory())
+        path = EMBEDDED[name].directory()
+        check_model_dir(path)
+        return str(path)
     path = Path(name).expanduser()
     if path.exists():
         if not (path / "config.json").exists():
             raise ModelError(f"{path} is not a Hugging Face model directory (no config.json)")
+        check_model_dir(path)
         return str(path.resolve())
     if name.startswith((".", "/", "~")):
         raise ModelError(f"model directory {name} does not exist")
     return name  # a hub id
+
+
+# A local dir's (name, size, mtime) per checked file, once it passed: each dir is read once per process.
+_checked: set[tuple] = set()
+
+
+def check_model_dir(path: Path) -> None:
+    """Raise DamagedFileError when a JSON or safetensors file of a local model dir is truncated or
+    garbled (JSON parsed; safetensors headers checked against the file size, no weights read)."""
+    files = sorted(p for p in path.iterdir() if p.suffix in (".json", ".safetensors") and p.is_file())
+    key = (str(path), tuple((p.name, p.stat().st_size, p.stat().st_mtime_ns) for p in files))
+    if key in _checked:
+        return
+    try:
+        for p in files:
+            if p.suffix == ".json":
+                read_json(p, "")
+            else:
+                with open_safetensors(p, ""):
+                    pass
+    except DamagedFileError as e:
+        raise DamagedFileError(e.path, e.what, rebuild_hint(path)) from None
+    _checked.add(key)
+
+
+def rebuild_hint(path: Path) -> str:
+    """How to rebuild a local model dir: an embedded model's cache, an evolved model, or another."""
+    if path.parent == oral_home() / "models" and path.name in EMBEDDED:
+        return f"delete {path} (it is rebuilt on next use)"
+    if (path / EVOLVE_RUN_INFO).is_file():
+        try:
+            e = read_json(path / EVOLVE_RUN_INFO, "")["lineage_entry"]
+            corpus = str(e["corpus"]).split("#sha256:")[0]  # a local file's id carries its hash
+            args = (f"--base {shlex.quote(str(e['parent']))} --corpus {shlex.quote(corpus)} --steps {e['steps']} "
+                    f"--lr {e['lr']:g} --seed {e['seed']} --batch-size {e['batch_size']} --seq-len {e['seq_len']}")
+        except (ValueError, KeyError, TypeError):
+            args = "--base PARENT --corpus CORPUS --steps N"
+        return f"delete {path} and rebuild it with `oral evolve {args} --out {shlex.quote(str(path))}`"
+    return "restore that model directory (save, copy or download it again)"
 
 
 def _hub_error(name: str, err: Exception) -> ModelError:
@@ -209,7 +253,7 @@ def list_models() -> list[dict]:
     """Embedded models with architecture, parameter count and source (converting on first use)."""
     rows = []
     for m in EMBEDDED.values():
-        d = m.directory()
+        d = Path(resolve(m.name))
         cfg = json.loads((d / "config.json").read_text())
         config = AutoConfig.from_pretrained(str(d))
         with torch.device("meta"):

@@ -20,14 +20,15 @@ from pathlib import Path
 from typing import Iterable, Mapping
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 from tqdm import tqdm
 
-from oral.io import atomic_dir
+from oral.io import DamagedFileError, atomic_dir, load_safetensors, read_json
 from oral.lora import AdapterError, LoraSpec
 
 TOKENIZER_CONFIG = "tokenizer.json"
 TOKENIZER_STATS = "stats.safetensors"
+TOKENIZER_FIX = "retrain the generator that holds it (`oral train`), or delete the prepared data that holds it"
 
 
 @dataclass
@@ -227,15 +228,23 @@ class WeightTokenizer:
         return path
 
     @classmethod
-    def load(cls, path: str | Path) -> "WeightTokenizer":
+    def load(cls, path: str | Path, fix: str = TOKENIZER_FIX) -> "WeightTokenizer":
+        """Read what `save` wrote; a damaged file raises DamagedFileError naming it and `fix`."""
         path = Path(path)
         if not (path / TOKENIZER_CONFIG).exists():
             raise FileNotFoundError(f"{path} holds no weight tokenizer ({TOKENIZER_CONFIG} missing)")
-        config = json.loads((path / TOKENIZER_CONFIG).read_text())
-        tok = cls(LoraSpec.from_dict(config["spec"]), config["token_size"])
-        if [s.key for s in tok.layout] != config["keys"] or tok.num_tokens != config["num_tokens"]:
-            raise ValueError(f"{path}: the saved layout does not match its spec; the file is corrupt or was edited")
-        stats = load_file(str(path / TOKENIZER_STATS))
+        config = read_json(path / TOKENIZER_CONFIG, fix)
+        try:
+            tok = cls(LoraSpec.from_dict(config["spec"]), config["token_size"])
+            keys, num_tokens = config["keys"], config["num_tokens"]
+            tok.center, tok.num_fitted = bool(config["center"]), int(config["num_fitted"])
+        except (KeyError, TypeError) as e:
+            raise DamagedFileError(path / TOKENIZER_CONFIG, f"bad or missing field {e}", fix) from None
+        if [s.key for s in tok.layout] != keys or tok.num_tokens != num_tokens:
+            raise DamagedFileError(path / TOKENIZER_CONFIG, "its layout does not match its spec", fix)
+        stats = load_safetensors(path / TOKENIZER_STATS, fix)
+        K = len(tok.layout)
+        if any(k not in stats or stats[k].shape != (K,) for k in ("mean", "scale")):
+            raise DamagedFileError(path / TOKENIZER_STATS, f"expected tensors mean and scale of shape ({K},)", fix)
         tok.mean, tok.scale = stats["mean"], stats["scale"]
-        tok.center, tok.num_fitted = bool(config["center"]), int(config["num_fitted"])
         return tok
