@@ -11,6 +11,7 @@ from transformers import AutoModelForCausalLM
 from oral import corpora
 from oral.corpora import CorpusError, get_corpus, split_documents
 from oral.models import resolve
+from oral.training import CheckpointError, latest_checkpoint
 from oral.evolve import (ChainConfig, EvolveError, chain_report, checkpoint_dir, evolve, evolve_chain,
                          format_report, perplexity)
 
@@ -148,7 +149,7 @@ def test_resume_after_kill_gives_the_uninterrupted_weights(tmp_path, text_file):
     out = tmp_path / "b"
     with pytest.raises(Killed):
         evolve("tiny-llama", text_file, steps=4, out=out, lr=1e-3, save_every=2, on_step=kill_at_3, **FAST)
-    assert not out.exists() and (checkpoint_dir(out) / "trainer_state.json").is_file()
+    assert not out.exists() and latest_checkpoint(checkpoint_dir(out)).name == "0000002"
     resumed = evolve("tiny-llama", text_file, steps=4, out=out, lr=1e-3, save_every=2, **FAST)
     info = json.loads((resumed / "oral_evolve.json").read_text())
     assert info["resumed_from_step"] == 2
@@ -167,7 +168,7 @@ def test_checkpoint_of_other_settings_is_refused(tmp_path, text_file):
 
     with pytest.raises(KeyboardInterrupt):
         evolve("tiny-llama", text_file, steps=3, out=out, save_every=1, on_step=stop, **FAST)
-    with pytest.raises(EvolveError, match="another run"):
+    with pytest.raises(CheckpointError, match="different training setup.*lr"):
         evolve("tiny-llama", text_file, steps=3, out=out, lr=5e-4, save_every=1, **FAST)
 
 

@@ -25,17 +25,18 @@ from typing import Callable
 
 import torch
 from tqdm.auto import tqdm
-from transformers import AutoModelForCausalLM, PreTrainedModel, PreTrainedTokenizerBase
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from oral.corpora import corpus_id, get_corpus, split_documents
-from oral.io import atomic_dir, atomic_write_json
+from oral.evaluate import Evaluator
+from oral.io import atomic_dir, atomic_write_json, read_json
 from oral.models import base_id, lineage, load_base
 from oral.paths import oral_home
+from oral.tasks import get_task
+from oral.training import latest_checkpoint, load_checkpoint, lr_at, save_checkpoint, set_lr
 
 log = logging.getLogger(__name__)
 
-CHECKPOINT_STATE = "trainer_state.json"
-OPTIMIZER_FILE = "optimizer.pt"
 RUN_INFO = "oral_evolve.json"
 
 
@@ -59,7 +60,8 @@ class EvolveConfig:
     batch_size: int = 8  # sequences per step
     seq_len: int = 128  # tokens per sequence
     warmup_steps: int = 5  # linear warmup, then `schedule`
-    schedule: str = "constant"  # "constant" or "cosine" (decays to 10% of lr)
+    schedule: str = "constant"  # "constant" or "cosine" (decays to min_lr_ratio * lr)
+    min_lr_ratio: float = 0.1  # cosine: the last step's lr as a share of lr
     weight_decay: float = 0.0
     grad_clip: float = 1.0  # max global grad norm; 0 disables
     max_corpus_tokens: int = 2_000_000  # stream cap: past it (or the corpus end) batches wrap around
@@ -80,6 +82,7 @@ class ChainConfig:
     seq_len: int = 128
     warmup_steps: int = 5
     schedule: str = "constant"
+    min_lr_ratio: float = 0.1
     weight_decay: float = 0.0
     grad_clip: float = 1.0
     save_every: int = 50
@@ -98,8 +101,8 @@ class ChainConfig:
         steps = _per_link(self.steps, n, "steps")
         lrs = _per_link(self.lr, n, "lr")
         shared = {k: getattr(self, k) for k in (
-            "seed", "batch_size", "seq_len", "warmup_steps", "schedule", "weight_decay", "grad_clip",
-            "save_every", "device")}
+            "seed", "batch_size", "seq_len", "warmup_steps", "schedule", "min_lr_ratio", "weight_decay",
+            "grad_clip", "save_every", "device")}
         return [EvolveConfig(base="", corpus=c, steps=int(s), lr=float(lr), **shared)
                 for c, s, lr in zip(self.corpora, steps, lrs)]
 
@@ -155,13 +158,9 @@ def get_batch(stream: torch.Tensor, step: int, batch_size: int, seq_len: int) ->
 
 
 def get_lr(step: int, cfg: EvolveConfig) -> float:
-    """1) linear warmup, 2) constant, or cosine decay to 10% of the peak."""
-    if step < cfg.warmup_steps:
-        return cfg.lr * (step + 1) / (cfg.warmup_steps + 1)
-    if cfg.schedule == "constant":
-        return cfg.lr
-    progress = (step - cfg.warmup_steps) / max(1, cfg.steps - cfg.warmup_steps)
-    return cfg.lr * (0.1 + 0.9 * 0.5 * (1.0 + math.cos(math.pi * progress)))
+    """Learning rate of step `step` (1-based): oral.training.lr_at with the link's settings."""
+    return lr_at(step, lr=cfg.lr, warmup_steps=cfg.warmup_steps, total_steps=cfg.steps, schedule=cfg.schedule,
+                 min_lr_ratio=cfg.min_lr_ratio)
 
 
 # -----------------------------------------------------------------------------
@@ -192,6 +191,7 @@ def default_out(cfg: EvolveConfig, root: str | Path | None = None) -> Path:
 
 
 def checkpoint_dir(out: Path) -> Path:
+    """Where a link's training checkpoints (oral.training's format) wait until the link is written."""
     return out.with_name(f".{out.name}.ckpt")
 
 
@@ -199,27 +199,8 @@ def _is_done(out: Path, entry: dict) -> bool:
     cfg_file = out / "config.json"
     if not cfg_file.is_file():
         return False
-    recorded = json.loads(cfg_file.read_text()).get("oral_lineage") or []
+    recorded = read_json(cfg_file, f"remove {out} and run the same `oral evolve` again").get("oral_lineage") or []
     return bool(recorded) and recorded[-1] == entry
-
-
-def _save_checkpoint(ckpt: Path, model: PreTrainedModel, opt: torch.optim.Optimizer, state: dict) -> None:
-    with atomic_dir(ckpt, overwrite=True) as tmp:
-        model.save_pretrained(tmp)  # safetensors
-        torch.save(opt.state_dict(), tmp / OPTIMIZER_FILE)  # tensors and plain containers only
-        atomic_write_json(tmp / CHECKPOINT_STATE, state)
-
-
-def _load_checkpoint(ckpt: Path, key: dict, device: str) -> tuple[PreTrainedModel, dict, dict]:
-    state = json.loads((ckpt / CHECKPOINT_STATE).read_text())
-    if state.get("run_key") != key:
-        raise EvolveError(
-            f"training checkpoint {ckpt} belongs to another run (its settings differ from these); "
-            "remove it to start over, or rerun with the settings it was made with"
-        )
-    model = AutoModelForCausalLM.from_pretrained(str(ckpt), dtype=torch.float32).to(device)
-    opt_state = torch.load(ckpt / OPTIMIZER_FILE, map_location=device, weights_only=True)
-    return model, opt_state, state
 
 
 # -----------------------------------------------------------------------------
@@ -268,19 +249,18 @@ def evolve(
     # 2) resume from a training checkpoint, if one exists
     key = _run_key(cfg)
     ckpt = checkpoint_dir(out)
-    start, losses = 0, []
-    opt_state = None
-    if (ckpt / CHECKPOINT_STATE).is_file():
-        model, opt_state, state = _load_checkpoint(ckpt, key, cfg.device)
-        start, losses = state["step"], state["losses"]
-        log.info("resuming %s from step %d", out, start)
     if hasattr(model.config, "oral_base_id"):
         del model.config.oral_base_id  # set by load_base for the parent; the child's id is its path
     model.train()
     model.requires_grad_(True)
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, betas=(0.9, 0.95), weight_decay=cfg.weight_decay)
-    if opt_state is not None:
-        opt.load_state_dict(opt_state)
+    start, losses = 0, []
+    last = latest_checkpoint(ckpt)
+    if last is not None:
+        state, _ = load_checkpoint(last, model, opt, key, fix=f"remove {ckpt} to start over, or rerun with the "
+                                                              "settings it was made with")
+        start, losses = state["step"], state["losses"]
+        log.info("resuming %s from step %d", out, start)
 
     # 3) train
     t0 = time.time()
@@ -288,8 +268,7 @@ def evolve(
                disable=not progress)
     for step in bar:
         torch.manual_seed(cfg.seed * 1_000_003 + step)  # any dropout: same on resume
-        for g in opt.param_groups:
-            g["lr"] = get_lr(step, cfg)
+        set_lr(opt, get_lr(step + 1, cfg))
         x = get_batch(stream, step, cfg.batch_size, cfg.seq_len).to(cfg.device)  # (B, T)
         loss = model(input_ids=x, labels=x).loss
         opt.zero_grad(set_to_none=True)
@@ -298,11 +277,11 @@ def evolve(
             torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
         opt.step()
         losses.append(round(loss.item(), 5))
-        bar.set_postfix(loss=f"{losses[-1]:.3f}", lr=f"{get_lr(step, cfg):.1e}")
+        bar.set_postfix(loss=f"{losses[-1]:.3f}", lr=f"{get_lr(step + 1, cfg):.1e}")
         if on_step is not None:
             on_step(step + 1, losses[-1])
         if cfg.save_every and (step + 1) % cfg.save_every == 0 and step + 1 < cfg.steps:
-            _save_checkpoint(ckpt, model, opt, {"step": step + 1, "losses": losses, "run_key": key})
+            save_checkpoint(ckpt, step + 1, model, opt, key, {"losses": losses})
 
     # 4) write the evolved model (atomically), then drop the training checkpoint
     model.eval()
@@ -372,11 +351,7 @@ def chain_report(cfg: ChainConfig, versions: list[Path | str], progress: bool = 
     """Per version: what it was trained on, held-out perplexity on each corpus, zero-shot task scores."""
     eval_corpora = cfg.eval_corpora or cfg.corpora
     heldout = {c: split_documents(get_corpus(c))[1] for c in eval_corpora}
-    tasks = []
-    if cfg.tasks:
-        from oral.tasks import get_task
-
-        tasks = [get_task(t) for t in cfg.tasks]
+    tasks = [get_task(t) for t in cfg.tasks]
     links = [None] + cfg.links()
     rows = []
     for i, (version, link) in enumerate(zip(tqdm(versions, desc="report", disable=not progress), links)):
@@ -391,8 +366,6 @@ def chain_report(cfg: ChainConfig, versions: list[Path | str], progress: bool = 
                            for c, docs in heldout.items()},
         }
         if tasks:
-            from oral.evaluate import Evaluator
-
             ev = Evaluator(model, tok)
             row["tasks"] = {t.name: ev.evaluate(t, split=cfg.task_split, limit=cfg.task_limit)["value"]
                             for t in tasks}
