@@ -20,6 +20,8 @@ import torch
 from tqdm.auto import tqdm
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
+from oral.lora import load_adapter
+from oral.models import load_base
 from oral.tasks import Example, Task, TaskError, get_task
 
 log = logging.getLogger(__name__)
@@ -100,8 +102,6 @@ class Evaluator:
     @classmethod
     def from_base(cls, base: str, adapter: str | Path | None = None, **kwargs) -> "Evaluator":
         """Load a base (embedded name, local dir or hub id) and optionally an adapter dir."""
-        from oral.models import load_base
-
         model, tok = load_base(base)
         ev = cls(model, tok, **kwargs)
         if adapter is not None:
@@ -137,8 +137,6 @@ class Evaluator:
                 self.peft.base_model.disable_adapter_layers()
             return
         if isinstance(adapter, (str, Path)):
-            from oral.lora import load_adapter
-
             spec, adapter = load_adapter(adapter)
         if not isinstance(adapter, dict):
             raise TypeError(f"set_adapter takes None, an adapter dir or a state dict, not {type(adapter).__name__}")

@@ -30,14 +30,14 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 from oral.corpora import corpus_id, get_corpus, split_documents
 from oral.evaluate import Evaluator
 from oral.io import atomic_dir, atomic_write_json, read_json
-from oral.models import base_id, lineage, load_base
+from oral.models import EVOLVE_RUN_INFO, base_id, lineage, load_base
 from oral.paths import oral_home
 from oral.tasks import get_task
 from oral.training import latest_checkpoint, load_checkpoint, lr_at, save_checkpoint, set_lr
 
 log = logging.getLogger(__name__)
 
-RUN_INFO = "oral_evolve.json"
+RUN_INFO = EVOLVE_RUN_INFO  # beside each evolved model: its lineage entry, losses and timing
 
 
 class EvolveError(ValueError):

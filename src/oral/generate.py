@@ -143,7 +143,7 @@ class Generator:
         net = GeneratorNet(GeneratorConfig(**config["generator"]))
         net.load_state_dict(load_safetensors(path / WEIGHTS_NAME, fix))
         net.to(dev)
-        tokenizers = [WeightTokenizer.load(path / g["tokenizer"]) for g in config["groups"]]
+        tokenizers = [WeightTokenizer.load(path / g["tokenizer"], fix=fix) for g in config["groups"]]
         bases = [b["id"] for b in config["conditions"]["bases"]]
         c_model = {}
         for key, v in load_safetensors(path / CONDITIONS_NAME, fix).items():

@@ -26,6 +26,7 @@ from safetensors.torch import save_file
 from transformers import AutoConfig, AutoModelForCausalLM, PretrainedConfig
 
 from oral.io import atomic_dir, atomic_write_json, load_safetensors, open_safetensors, parse_json, read_json
+from oral.models import load_base_config
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
@@ -434,8 +435,6 @@ def _base_shapes(base_model: Any) -> dict[str, tuple[int, int]]:
     if isinstance(base_model, torch.nn.Module):
         return _linear_shapes(base_model)
     if isinstance(base_model, (str, Path)):
-        from oral.models import load_base_config
-
         base_model = load_base_config(base_model)
     if isinstance(base_model, Mapping):
         d = dict(base_model)
@@ -666,49 +665,3 @@ def module_norms(spec: LoraSpec, state: Mapping[str, torch.Tensor]) -> list[dict
 def with_base(spec: LoraSpec, base_model_name_or_path: str | None) -> LoraSpec:
     """The same spec recorded against another base model id."""
     return replace(spec, base_model_name_or_path=base_model_name_or_path)
-
-
-# -----------------------------------------------------------------------------
-# Inspection
-
-
-def describe_adapter(path: str | Path, base_model: Any = None, token_size: int = 128) -> dict:
-    """Everything `oral inspect` prints: spec, sizes, token count, per-module norms, validity.
-
-    Never raises on a malformed adapter whose files can be read: problems land in `problems`.
-    """
-    from oral.tokens import WeightTokenizer
-
-    path = Path(path)
-    spec, state = load_adapter(path, validate=False)
-    problems = adapter_problems(spec, state, base_model)
-    norms = {}
-    for m in spec.modules:
-        A, B = state.get(m.key_A), state.get(m.key_B)
-        if A is not None and B is not None and tuple(A.shape) == m.shape_A and tuple(B.shape) == m.shape_B:
-            norms[m.name] = module_norms(LoraSpec((m,), None, spec.use_rslora), {m.key_A: A, m.key_B: B})[0]
-    modules = []
-    for m in spec.modules:
-        n = norms.get(m.name, {})
-        modules.append({
-            "name": m.name, "in": m.in_features, "out": m.out_features, "rank": m.rank, "alpha": m.alpha,
-            "layer": m.layer_index, "type": m.module_type,
-            "norms": {k: n.get(k) for k in ("norm_A", "norm_B", "norm_delta")},
-        })
-    return {
-        "path": str(path),
-        "base_model_name_or_path": spec.base_model_name_or_path,
-        "target_modules": list(spec.target_modules) if isinstance(spec.target_modules, tuple) else spec.target_modules,
-        "use_rslora": spec.use_rslora,
-        "num_modules": len(spec),
-        "num_layers": len(spec.layers),
-        "module_types": spec.module_types,
-        "ranks": sorted({m.rank for m in spec.modules}),
-        "num_params": spec.num_params,
-        "token_size": token_size,
-        "num_tokens": WeightTokenizer(spec, token_size).num_tokens,
-        "valid": not problems,
-        "problems": problems,
-        "provenance": read_provenance(path),
-        "modules": modules,
-    }

@@ -51,6 +51,9 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 MANIFEST = "manifest.jsonl"
+# A bad manifest line cannot come from a killed writer (oral.io.read_jsonl skips torn ones).
+MANIFEST_FIX = ("remove that line (its checkpoint is then trained again by rerunning `oral zoo` with the same "
+                "config) or restore the file")
 
 
 class ZooError(ValueError):
@@ -94,7 +97,7 @@ class Zoo:
     def all_records(self) -> list[dict]:
         """Every record, de-duplicated by (run_id, step) keeping the last, whose dir exists."""
         by_key: dict[tuple[str, int], dict] = {}
-        for r in read_jsonl(self.manifest):
+        for r in read_jsonl(self.manifest, MANIFEST_FIX):
             if "run_id" in r and "step" in r and (self.root / r["path"]).is_dir():
                 by_key[(r["run_id"], r["step"])] = r
         return sorted(by_key.values(), key=lambda r: (r["run_id"], r["step"]))

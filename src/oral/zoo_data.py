@@ -217,7 +217,7 @@ def cached_zoo_data(out: Path, zoos: list[str | Path], cfg: GeneratorTrainConfig
     for gi in range(meta["groups"]):
         prefix = f"g{gi}.c_model."
         groups.append(Group(
-            tokenizer=WeightTokenizer.load(path / "tokenizers" / str(gi)),
+            tokenizer=WeightTokenizer.load(path / "tokenizers" / str(gi), fix=f"{DATA_FIX} ({path})"),
             tokens=t[f"g{gi}.tokens"],
             base_index=t[f"g{gi}.base_index"],
             task_index=t[f"g{gi}.task_index"],

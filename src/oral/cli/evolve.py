@@ -37,6 +37,7 @@ def _flags(args) -> dict:
 def run(args) -> int:
     from oral import evolve as ev
     from oral.config import load_config
+    from oral.io import read_json
 
     if args.list_corpora:
         from oral.corpora import corpus_info
@@ -69,7 +70,7 @@ def run(args) -> int:
     flags = _flags(args)
     out = ev.evolve(flags.pop("base", "smollm2-135m"), args.corpus, args.steps, out=args.out, **flags)
     if args.json:
-        print(json.dumps({"out": str(out), "oral_lineage": json.loads((out / "config.json").read_text())["oral_lineage"]}))
+        print(json.dumps({"out": str(out), "oral_lineage": read_json(out / "config.json", f"remove {out} and run this command again")["oral_lineage"]}))
     else:
         print(out)
     return 0

@@ -14,7 +14,7 @@ def add_parser(sub) -> None:
 
 
 def run(args) -> int:
-    from oral.lora import describe_adapter
+    from oral.inspection import describe_adapter
 
     info = describe_adapter(args.adapter, base_model=args.base, token_size=args.token_size)
     if args.json:

@@ -20,11 +20,10 @@ def add_parser(sub) -> None:
 
 
 def run(args) -> int:
-    import json
     import time
 
     from oral.config import load_config
-    from oral.generate import CONFIG_NAME
+    from oral.generate import read_generator_config
     from oral.train import GeneratorTrainConfig, read_loss_log, train_generator
 
     overrides = list(args.overrides) + ([f"steps={args.steps}"] if args.steps is not None else [])
@@ -32,7 +31,7 @@ def run(args) -> int:
     t0 = time.time()
     out = train_generator(args.zoo, args.out, cfg)
     rows = read_loss_log(out)
-    info = json.loads((out / CONFIG_NAME).read_text())
+    info = read_generator_config(out)
     first, last = (rows[0]["loss"], rows[-1]["loss"]) if rows else (float("nan"), float("nan"))
     print(f"generator {out}: step {info['step']}, {info['num_samples']} adapters, loss {first:.4f} -> {last:.4f}, "
           f"{time.time() - t0:.0f} s (this call)")
