@@ -93,3 +93,21 @@ def test_inspect_fails_against_the_wrong_base(peft_adapter, tmp_path, capsys):
                 num_key_value_heads=2, vocab_size=100).save_pretrained(other)
     assert oral_inspect(str(peft_adapter), "--base", str(other)) == 1
     assert "wrong base model" in capsys.readouterr().err
+
+
+def test_verbose_flag_shows_the_traceback_of_an_error_and_plain_mode_one_line(tmp_path):
+    import subprocess
+    import sys
+
+    bad = tmp_path / "not-an-adapter"
+    bad.mkdir()
+    (bad / "adapter_config.json").write_text("{ this is not json")
+
+    def run(*flags):
+        return subprocess.run([sys.executable, "-m", "oral.cli", *flags, "inspect", str(bad)],
+                              capture_output=True, text=True, timeout=120)
+
+    plain, verbose = run(), run("-v")
+    assert plain.returncode == verbose.returncode == 2
+    assert "Traceback" not in plain.stderr and len(plain.stderr.strip().splitlines()) == 1
+    assert "Traceback" in verbose.stderr and "adapter_config.json" in verbose.stderr.splitlines()[-1]

@@ -18,7 +18,7 @@ from oral.finetune import (
     FinetuneConfig, FinetuneError, batch_indices, collate, encode_example, pack, target_loss, train_lora,
 )
 from oral.grid import GridBlock, ZooConfig, grid_runs, run_grid, shard
-from oral.io import read_jsonl
+from oral.io import append_jsonl, read_jsonl
 from oral.lora import load_adapter
 from oral.zoo import Zoo, ZooError, evaluate_checkpoints, run_id_for, summary_table
 
@@ -434,8 +434,6 @@ def test_cli_evaluate_scores_the_chosen_kept_checkpoints(tiny, task_file, tmp_pa
 
 def _fake_run(zoo: Zoo, task: str, rank: int, version: int, base_v: float, final_v: float) -> None:
     """Record one finished run (a final checkpoint dir and its manifest record) without training."""
-    from oral.io import append_jsonl
-
     run_id = f"v{version}_{task}_r{rank}"
     (zoo.root / "runs" / run_id / "step-00010").mkdir(parents=True)
     lineage = [{"corpus": f"c{k}", "parent": "root" if k == 0 else f"v{k}"} for k in range(version)]
@@ -482,3 +480,21 @@ def test_smollm2_lora_beats_the_base_on_movie_sentiment(tmp_path):
                eval_limit=100)
     final = Zoo(tmp_path / "zoo").records(final=True)[0]
     assert final["val_metric"]["value"] >= final["base_val_metric"]["value"] + 0.15, final
+
+
+def test_compare_picks_the_zoo_run_by_rank_and_seed_and_refuses_an_ambiguous_pick(tmp_path):
+    from oral.experiments import ExperimentError, final_checkpoints
+
+    zoo = Zoo(tmp_path / "zoo")
+    _fake_run(zoo, "movie-sentiment", 4, 0, 0.5, 0.875)
+    _fake_run(zoo, "movie-sentiment", 8, 0, 0.5, 0.625)  # sorts after the rank-4 run
+    _fake_run(zoo, "sms-spam", 8, 0, 0.25, 0.75)
+    assert final_checkpoints(zoo, "v0", rank=4, seed=0, tasks=["movie-sentiment"])["movie-sentiment"]["rank"] == 4
+    assert final_checkpoints(zoo, "v0", rank=8, seed=0)["movie-sentiment"]["rank"] == 8
+    with pytest.raises(ExperimentError, match=r"no finished run on v0 for sms-spam at rank 4.*\(8, 0\)"):
+        final_checkpoints(zoo, "v0", rank=4, seed=0, tasks=["sms-spam"])
+    record = next(r for r in zoo.records() if r["rank"] == 4)
+    (zoo.root / "runs" / "other-lr" / "step-00010").mkdir(parents=True)
+    append_jsonl(zoo.manifest, {**record, "run_id": "other-lr", "path": "runs/other-lr/step-00010"})
+    with pytest.raises(ExperimentError, match="2 runs on v0 for movie-sentiment at rank 4"):
+        final_checkpoints(zoo, "v0", rank=4, seed=0)

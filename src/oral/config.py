@@ -105,6 +105,3 @@ def load_config(cls: type[T], path: str | Path | None = None, overrides: list[st
         _set_nested(data, key.strip(), yaml.safe_load(raw) if raw else "")
     return _from_dict(cls, data)
 
-
-def config_to_dict(cfg: Any) -> dict:
-    return dataclasses.asdict(cfg)

@@ -284,9 +284,3 @@ class Evaluator:
             log.warning("task loss on %s is not finite", task.name)
         return loss
 
-
-def evaluate_tasks(
-    evaluator: Evaluator, tasks: list[str], split: str = "test", limit: int | None = None
-) -> dict[str, dict[str, Any]]:
-    """{task: {"metric", "value", "n"}} for each task name."""
-    return {t: evaluator.evaluate(t, split=split, limit=limit) for t in tasks}

@@ -19,7 +19,16 @@ from typing import Any
 
 from tqdm import tqdm
 
+from oral.evaluate import Evaluator
+from oral.generate import Generator
 from oral.io import atomic_write_json
+from oral.models import base_id, load_base
+from oral.tasks import get_task
+from oral.zoo import Zoo
+
+
+class ExperimentError(ValueError):
+    """An experiment that cannot run as asked (a missing or ambiguous zoo run, ...)."""
 
 
 @dataclass
@@ -30,6 +39,8 @@ class CompareConfig:
     zoo: str = ""  # zoo dir with the trained adapters to compare against
     base: str = "smollm2-135m"
     tasks: list[str] = field(default_factory=list)  # empty: every task the zoo has for this base
+    rank: int = 4  # the zoo run compared against: its rank ...
+    zoo_seed: int = 0  # ... and its training seed (several runs of one (base, task, rank, seed) are an error)
     seeds: list[int] = field(default_factory=lambda: [0, 1, 2])  # sampling seeds per description
     descriptions: int = 1  # how many of the task's held-out descriptions to prompt with (1 or 2)
     split: str = "test"
@@ -42,22 +53,36 @@ def _mean_std(values: list[float]) -> tuple[float, float]:
     return statistics.fmean(values), (statistics.stdev(values) if len(values) > 1 else 0.0)
 
 
+def final_checkpoints(zoo: Zoo, base: str, rank: int, seed: int, tasks: list[str] | None = None) -> dict[str, dict]:
+    """task -> the final checkpoint record of the zoo's one run on (base, task, rank, seed).
+
+    Every task asked for must have exactly one such run: none, or several (differing in their
+    training settings), is an error that says which runs there are.
+    """
+    finals: dict[str, list[dict]] = {}
+    for r in zoo.records(base=base_id(base), rank=rank, seed=seed, final=True):
+        finals.setdefault(r["task"], []).append(r)
+    tasks = tasks or sorted(finals)
+    for t in tasks:
+        if t not in finals:
+            have = sorted({(r["rank"], r["seed"]) for r in zoo.records(base=base_id(base), task=t, final=True)})
+            raise ExperimentError(
+                f"the zoo {zoo.root} has no finished run on {base} for {t} at rank {rank}, seed {seed}"
+                + (f" (it has (rank, seed) {have}: pick one)" if have else "")
+                + f"; train one with `oral zoo --base {base} --task {t} --rank {rank} --seed {seed} --out {zoo.root}`")
+        if len(finals[t]) > 1:
+            ids = ", ".join(r["run_id"] for r in finals[t])
+            raise ExperimentError(f"the zoo {zoo.root} has {len(finals[t])} runs on {base} for {t} at rank {rank}, "
+                                  f"seed {seed} (other training settings: {ids}); compare against a zoo with one")
+    return {t: finals[t][0] for t in tasks}
+
+
 def compare(cfg: CompareConfig) -> dict[str, Any]:
     """Score base, trained and generated adapters per task; returns the results dict."""
-    from oral.evaluate import Evaluator
-    from oral.generate import Generator
-    from oral.models import base_id, load_base
-    from oral.tasks import get_task
-    from oral.zoo import Zoo
-
     t0 = time.time()
     zoo = Zoo(Path(cfg.zoo).expanduser())
-    finals = {r["task"]: r for r in zoo.records(base=base_id(cfg.base)) if r.get("final")}
-    tasks = cfg.tasks or sorted(finals)
-    missing = [t for t in tasks if t not in finals]
-    if missing:
-        raise ValueError(f"the zoo {cfg.zoo} has no finished run on {cfg.base} for {', '.join(missing)}; "
-                         f"train one with `oral zoo --base {cfg.base} --task {missing[0]} --out {cfg.zoo}`")
+    finals = final_checkpoints(zoo, cfg.base, cfg.rank, cfg.zoo_seed, cfg.tasks)
+    tasks = list(finals)
     model, tok = load_base(cfg.base)
     ev = Evaluator(model, tok, progress=False)
     gen = Generator.from_pretrained(cfg.generator)

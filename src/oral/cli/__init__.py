@@ -34,7 +34,10 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return args.func(args)
     except (ValueError, FileNotFoundError, FileExistsError) as e:
-        # Our error types derive from ValueError and carry a message that names the fix.
+        # Our error types derive from ValueError and carry a message that names the fix; -v also
+        # shows where it came from.
+        if args.verbose:
+            logging.getLogger("oral").exception("traceback of the error below")
         print(f"oral {args.command}: error: {e}", file=sys.stderr)
         return 2
     except BrokenPipeError:

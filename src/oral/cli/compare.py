@@ -9,6 +9,8 @@ def add_parser(sub) -> None:
     p.add_argument("--zoo", required=True, help="zoo with the trained adapters")
     p.add_argument("--base", default="smollm2-135m")
     p.add_argument("--tasks", default="", help="comma-separated tasks (default: every task the zoo has)")
+    p.add_argument("--rank", type=int, default=4, help="rank of the zoo runs compared against (default 4)")
+    p.add_argument("--zoo-seed", type=int, default=0, help="training seed of the zoo runs compared against (default 0)")
     p.add_argument("--seeds", default="0,1,2", help="sampling seeds per description")
     p.add_argument("--descriptions", type=int, default=1, help="held-out descriptions to prompt with")
     p.add_argument("--limit", type=int, default=200, help="test examples per task and adapter")
@@ -23,7 +25,7 @@ def run(args) -> int:
     from oral.experiments import CompareConfig, compare, format_compare, save_result
 
     cfg = CompareConfig(
-        generator=args.generator, zoo=args.zoo, base=args.base,
+        generator=args.generator, zoo=args.zoo, base=args.base, rank=args.rank, zoo_seed=args.zoo_seed,
         tasks=[t for t in args.tasks.split(",") if t],
         seeds=[int(s) for s in args.seeds.split(",") if s],
         descriptions=args.descriptions, limit=args.limit, sample_steps=args.steps, guidance=args.guidance,

@@ -108,7 +108,6 @@ def load_sms_spam() -> list[dict]:
 
 
 TREC_COARSE = {"ABBR": 0, "ENTY": 1, "DESC": 2, "HUM": 3, "LOC": 4, "NUM": 5}
-TREC_WORDS = ["abbreviation", "entity", "description", "person", "location", "number"]
 
 
 def load_trec() -> list[dict]:
