@@ -12,10 +12,10 @@ from peft import LoraConfig, PeftModel, get_peft_model, set_peft_model_state_dic
 from safetensors.torch import save_file
 from transformers import LlamaConfig, MistralConfig
 
+from oral.gauge import apply_gauge, canonicalize, delta_weight, factorize, random_gauge
 from oral.lora import (
-    AdapterError, LoraModule, LoraSpec, adapter_state_from_peft_model, apply_gauge, canonicalize, delta_weight,
-    factorize, load_adapter, random_gauge, read_provenance, save_adapter, spec_for_model, spec_from_peft_model,
-    validate_adapter,
+    AdapterError, LoraModule, LoraSpec, adapter_state_from_peft_model, load_adapter, read_provenance, save_adapter,
+    spec_for_model, spec_from_peft_model, validate_adapter,
 )
 from oral.models import load_base
 

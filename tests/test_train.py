@@ -195,7 +195,8 @@ def test_cli_refuses_a_base_of_another_architecture(gen_dir, tmp_path, capsys):
 def test_canonical_gauge_trains_on_canonical_tokens_and_generates_a_valid_adapter(zoo, tmp_path):
     from oral.config import load_config
     from oral.generate import Generator
-    from oral.lora import canonicalize, load_adapter
+    from oral.gauge import canonicalize
+    from oral.lora import load_adapter
     from oral.train import GeneratorTrainConfig, train_generator
     from oral.zoo_data import prepare_training_data
     from oral.zoo import Zoo

@@ -3,7 +3,8 @@
 from pathlib import Path
 from typing import Any
 
-from oral.lora import LoraSpec, adapter_problems, load_adapter, module_norms, read_provenance
+from oral.gauge import module_norms
+from oral.lora import LoraSpec, adapter_problems, load_adapter, read_provenance
 from oral.tokens import WeightTokenizer
 
 

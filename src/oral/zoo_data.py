@@ -27,7 +27,8 @@ from tqdm.auto import tqdm
 
 from oral.conditions import ConditionEncoder, model_metadata
 from oral.io import atomic_dir, load_safetensors, read_json
-from oral.lora import LoraSpec, canonicalize, load_adapter, with_base
+from oral.gauge import canonicalize
+from oral.lora import LoraSpec, load_adapter, with_base
 from oral.models import load_base, load_base_config
 from oral.tasks import TaskError, get_task
 from oral.tokens import WeightTokenizer
