@@ -1,4 +1,9 @@
-"""The `oral` command: parse, call a library function, print. One module per subcommand."""
+"""The `oral` command: parse, call a library function, print. One module per subcommand.
+
+Each subcommand imports the library inside its `run`, not at the top: `import oral.cli` takes
+0.03 s, with every library module 5.4 s (torch, transformers, diffusers; measured on 2 cores), so
+`oral --help`, a typo or `oral tasks` answer at once and a command pays only for what it uses.
+"""
 
 import argparse
 import importlib
