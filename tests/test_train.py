@@ -212,3 +212,17 @@ def test_canonical_gauge_trains_on_canonical_tokens_and_generates_a_valid_adapte
     train_generator([zoo], tmp_path / "g", cfg)
     spec, state = Generator.from_pretrained(tmp_path / "g", device="cpu").generate("tiny-llama", "spam filter", steps=5)
     assert set(state) == set(spec.keys())
+
+
+def test_a_generator_of_another_format_version_is_refused_with_the_fix(gen_dir, tmp_path):
+    import shutil
+
+    from oral.generate import FORMAT_VERSION, GenerationError, Generator
+
+    copy = tmp_path / "gen"
+    shutil.copytree(gen_dir, copy, ignore=shutil.ignore_patterns("checkpoints", "data"))
+    config = json.loads((copy / "config.json").read_text())
+    for version, fix in ((FORMAT_VERSION + 1, "upgrade oral"), (0, "retrain it")):
+        (copy / "config.json").write_text(json.dumps({**config, "format_version": version}))
+        with pytest.raises(GenerationError, match=f"format version {version}.*{fix}"):
+            Generator.from_pretrained(copy, device="cpu")
