@@ -17,11 +17,11 @@ from pathlib import Path
 from typing import Any, Iterator
 
 import torch
-from tqdm.auto import tqdm
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from oral.lora import load_adapter
 from oral.models import load_base
+from oral.progress import progress_bar
 from oral.tasks import Example, Task, TaskError, get_task
 
 log = logging.getLogger(__name__)
@@ -189,7 +189,7 @@ class Evaluator:
         """Per-token log-probs of each target given its prompt: one (len(target),) tensor per pair."""
         out: list[torch.Tensor | None] = [None] * len(pairs)
         order = sorted(range(len(pairs)), key=lambda i: -(len(pairs[i][0]) + len(pairs[i][1])))
-        for idx in tqdm(list(_batches(order, self.batch_size)), desc=desc, disable=not self.progress, leave=False):
+        for idx in progress_bar(list(_batches(order, self.batch_size)), desc=desc, disable=not self.progress, leave=False):
             seqs = [pairs[i][0] + pairs[i][1] for i in idx]
             K = max(len(pairs[i][1]) for i in idx) + 1
             lp = self._last_logprobs(seqs, K)  # (B, K, V); position K-1 is the last token
@@ -221,7 +221,7 @@ class Evaluator:
             order = sorted(range(len(prompts)), key=lambda i: -len(prompts[i]))
             preds = [0] * len(examples)
             cand = torch.tensor(firsts, device=self.device)
-            for idx in tqdm(list(_batches(order, self.batch_size)), desc=task.name, disable=not self.progress, leave=False):
+            for idx in progress_bar(list(_batches(order, self.batch_size)), desc=task.name, disable=not self.progress, leave=False):
                 lp = self._last_logprobs([prompts[i] for i in idx], 1)[:, 0]  # (B, V)
                 best = lp[:, cand].argmax(-1).tolist()  # (B,)
                 for i, p in zip(idx, best):
@@ -239,7 +239,7 @@ class Evaluator:
         prompts = [encode_pair(self.tokenizer, ex.prompt, "", self.max_length - max_new)[0] for ex in examples]
         order = sorted(range(len(prompts)), key=lambda i: -len(prompts[i]))
         out = [""] * len(examples)
-        for idx in tqdm(list(_batches(order, self.batch_size)), desc=task.name, disable=not self.progress, leave=False):
+        for idx in progress_bar(list(_batches(order, self.batch_size)), desc=task.name, disable=not self.progress, leave=False):
             ids, mask = self._batch([prompts[i] for i in idx])
             gen = self.model.generate(
                 input_ids=ids, attention_mask=mask, max_new_tokens=max_new, do_sample=False,

@@ -24,7 +24,6 @@ from pathlib import Path
 from typing import Callable
 
 import torch
-from tqdm.auto import tqdm
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from oral.corpora import corpus_id, get_corpus, split_documents
@@ -32,6 +31,7 @@ from oral.evaluate import Evaluator
 from oral.io import atomic_dir, atomic_write_json, read_json
 from oral.models import EVOLVE_RUN_INFO, base_id, lineage, load_base
 from oral.paths import oral_home
+from oral.progress import progress_bar
 from oral.tasks import get_task
 from oral.training import latest_checkpoint, load_checkpoint, lr_at, save_checkpoint, set_lr
 
@@ -264,7 +264,7 @@ def evolve(
 
     # 3) train
     t0 = time.time()
-    bar = tqdm(range(start, cfg.steps), initial=start, total=cfg.steps, desc=f"evolve {entry['corpus'][:24]}",
+    bar = progress_bar(range(start, cfg.steps), initial=start, total=cfg.steps, desc=f"evolve {entry['corpus'][:24]}",
                disable=not progress)
     for step in bar:
         torch.manual_seed(cfg.seed * 1_000_003 + step)  # any dropout: same on resume
@@ -354,7 +354,7 @@ def chain_report(cfg: ChainConfig, versions: list[Path | str], progress: bool = 
     tasks = [get_task(t) for t in cfg.tasks]
     links = [None] + cfg.links()
     rows = []
-    for i, (version, link) in enumerate(zip(tqdm(versions, desc="report", disable=not progress), links)):
+    for i, (version, link) in enumerate(zip(progress_bar(versions, desc="report", disable=not progress), links)):
         model, tok = load_base(version, device=cfg.device)
         row = {
             "version": f"t{i}",

@@ -27,12 +27,12 @@ from typing import Any
 
 import torch
 from peft import LoraConfig, get_peft_model
-from tqdm.auto import tqdm
 
 from oral.evaluate import Evaluator, encode_pair
 from oral.io import append_jsonl, atomic_dir
 from oral.models import base_id, lineage, load_base, load_tokenizer, weights_fingerprint
 from oral.paths import expand_path
+from oral.progress import progress_bar
 from oral.training import (get_task, latest_checkpoint, load_checkpoint, lr_at, resolve_device, save_checkpoint,
                            set_lr)
 from oral.zoo import Zoo, clean_run_dir, run_id_for, slug, step_dirname, try_lock
@@ -309,9 +309,8 @@ def train_run(base: LoadedBase, task, key: str, rank: int, seed: int, cfg: Finet
         t0 = time.time() - wall_before
         try:
             # 3) the loop: one seeded batch per step, loss on target tokens
-            bar = tqdm(range(start + 1, cfg.steps + 1), initial=start, total=cfg.steps,
-                       desc=f"{slug(base.base_id)}/{task.name}/r{rank}/s{seed}", position=position, leave=False,
-                       disable=None)
+            bar = progress_bar(range(start + 1, cfg.steps + 1), initial=start, total=cfg.steps,
+                               desc=f"{slug(base.base_id)}/{task.name}/r{rank}/s{seed}", position=position, leave=False)
             for step in bar:
                 model.train()
                 torch.manual_seed(seed * 1_000_003 + step)  # LoRA dropout, if any: the same draws on resume

@@ -21,14 +21,13 @@ import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from tqdm.auto import tqdm
-
 from oral import evolve
 from oral import tasks as tasks_mod
 from oral.config import load_config
 from oral.finetune import FinetuneConfig, LoadedBase, as_loaded_base, task_key, train_run
 from oral.models import base_id
 from oral.paths import expand_path
+from oral.progress import progress_bar
 from oral.training import dist_env, get_task, resolve_device
 from oral.zoo import Zoo, ZooError, run_id_for
 
@@ -187,8 +186,8 @@ def run_grid(cfg: ZooConfig, rank: int | None = None, world_size: int | None = N
             todo.append(r)
     counts = {"runs": len(runs), "skipped": len(runs) - len(todo), "trained": 0, "busy": 0,
               "waiting": len(shard(waiting, rank, world_size))}
-    bar = tqdm(total=len(runs), initial=counts["skipped"], desc=f"zoo grid [{rank}/{world_size}]",
-               position=0, disable=None)
+    bar = progress_bar(total=len(runs), initial=counts["skipped"], desc=f"zoo grid [{rank}/{world_size}]",
+                       position=0)
     current: LoadedBase | None = None
     for r in todo:
         if current is None or current.base_id != base_id(expand_path(r.base)):

@@ -21,10 +21,10 @@ from typing import Iterable, Mapping
 
 import torch
 from safetensors.torch import save_file
-from tqdm import tqdm
 
 from oral.io import DamagedFileError, atomic_dir, load_safetensors, read_json
 from oral.lora import AdapterError, LoraSpec
+from oral.progress import progress_bar
 
 TOKENIZER_CONFIG = "tokenizer.json"
 TOKENIZER_STATS = "stats.safetensors"
@@ -131,7 +131,7 @@ class WeightTokenizer:
         total = torch.zeros(K, dtype=torch.float64)
         total_sq = torch.zeros(K, dtype=torch.float64)
         n = 0
-        for state in tqdm(states, desc="tokenizer stats", unit="adapter", disable=None):
+        for state in progress_bar(states, desc="tokenizer stats", unit="adapter"):
             self._check_state(state)
             for i, slot in enumerate(self.layout):
                 x = state[slot.key].detach().to("cpu", torch.float64)

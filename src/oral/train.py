@@ -33,13 +33,13 @@ from pathlib import Path
 import torch
 from accelerate import Accelerator
 from diffusers.training_utils import EMAModel
-from tqdm.auto import tqdm
 
 from oral.conditions import ConditionConfig
 from oral.diffusion import Diffusion, DiffusionConfig
 from oral.generate import CONFIG_NAME, save_generator
 from oral.generator import GENERATOR_PRESETS, GeneratorConfig, GeneratorNet, generator_config
 from oral.io import atomic_write_bytes, atomic_write_text
+from oral.progress import progress_bar
 from oral.training import (latest_checkpoint, load_checkpoint, lr_at, resolve_device, save_checkpoint, set_lr,
                            step_rng)
 from oral.zoo_data import prepare_training_data
@@ -214,7 +214,7 @@ def train_generator(zoos: list[str | Path], out: str | Path, cfg: GeneratorTrain
 
     end = cfg.steps if stop_at is None else min(cfg.steps, stop_at)
     t0 = time.time() - (rows[-1]["wall_s"] if rows else 0.0)
-    bar = tqdm(range(start, end), initial=start, total=cfg.steps, desc="train generator", disable=None if main else True)
+    bar = progress_bar(range(start, end), initial=start, total=cfg.steps, desc="train generator", disable=not main)
     for step in bar:
         done = step + 1  # this optimizer step, 1-based
         rng = step_rng(cfg.seed, step, accelerator.process_index)

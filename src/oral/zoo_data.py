@@ -23,13 +23,13 @@ from typing import TYPE_CHECKING, Iterator
 
 import torch
 from safetensors.torch import save_file
-from tqdm.auto import tqdm
 
 from oral.conditions import ConditionEncoder, model_metadata
 from oral.io import atomic_dir, load_safetensors, read_json
 from oral.gauge import canonicalize
 from oral.lora import LoraSpec, load_adapter, with_base
 from oral.models import load_base, load_base_config
+from oral.progress import progress_bar
 from oral.tasks import TaskError, get_task
 from oral.tokens import WeightTokenizer
 from oral.zoo import MANIFEST, Zoo
@@ -124,7 +124,7 @@ def load_zoo_data(zoos: list[str | Path], cfg: GeneratorTrainConfig, encoder: Co
     layouts = list(by_layout.values())
 
     def states(recs: list[tuple[Zoo, dict]], desc: str) -> Iterator[dict[str, torch.Tensor]]:
-        for zoo, r in tqdm(recs, desc=desc, unit="adapter", disable=None):
+        for zoo, r in progress_bar(recs, desc=desc, unit="adapter"):
             spec, state = load_adapter(zoo.path(r))
             yield canonicalize(spec, state) if cfg.gauge == "canonical" else state
 
