@@ -24,3 +24,37 @@ def tmp_home(tmp_path: Path, monkeypatch) -> Path:
     home = tmp_path / "oral-home"
     monkeypatch.setenv("ORAL_HOME", str(home))
     return home
+
+
+TINY_TASKS = ("sms-spam", "movie-sentiment")
+
+
+@pytest.fixture(scope="session")
+def tiny_zoo(tmp_path_factory) -> Path:
+    """2 tasks x 1 seed on tiny-llama, the last 4 checkpoints of each 20-step run."""
+    from oral.finetune import train_lora
+
+    root = tmp_path_factory.mktemp("zoo")
+    for task in TINY_TASKS:
+        train_lora("tiny-llama", task, rank=4, steps=20, keep=4, save_every=2, out_dir=root, seed=0,
+                   lr=2e-2, warmup_steps=2, eval_limit=8, eval_base=False)
+    return root
+
+
+@pytest.fixture(scope="session")
+def tiny_generator_dir(tiny_zoo, tmp_path_factory) -> Path:
+    """A generator trained on tiny_zoo with configs/generator-tiny.yaml (200 steps)."""
+    import torch
+
+    from oral.config import load_config
+    from oral.train import GeneratorTrainConfig, train_generator
+
+    out = tmp_path_factory.mktemp("gen") / "gen"
+    cfg = load_config(GeneratorTrainConfig, Path(__file__).resolve().parents[1] / "configs" / "generator-tiny.yaml",
+                      ["device=cpu"])
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # small tensors: one thread is many times faster than two on a shared machine
+    try:
+        return train_generator([tiny_zoo], out, cfg)
+    finally:
+        torch.set_num_threads(threads)

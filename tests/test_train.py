@@ -9,7 +9,7 @@ import torch
 from safetensors.torch import load_file
 
 REPO = Path(__file__).resolve().parents[1]
-TASKS = ("sms-spam", "movie-sentiment")
+TASKS = ("sms-spam", "movie-sentiment")  # the tasks of the tiny_zoo fixture (conftest.py)
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -22,26 +22,14 @@ def one_thread():
 
 
 @pytest.fixture(scope="module")
-def zoo(tmp_path_factory) -> Path:
-    """2 tasks x 1 seed on tiny-llama, the last 4 checkpoints of each 20-step run."""
-    from oral.finetune import train_lora
-
-    root = tmp_path_factory.mktemp("zoo")
-    for task in TASKS:
-        train_lora("tiny-llama", task, rank=4, steps=20, keep=4, save_every=2, out_dir=root, seed=0,
-                   lr=2e-2, warmup_steps=2, eval_limit=8, eval_base=False)
-    return root
+def zoo(tiny_zoo) -> Path:
+    return tiny_zoo
 
 
 @pytest.fixture(scope="module")
-def gen_dir(zoo, tmp_path_factory) -> Path:
-    from oral.config import load_config
-    from oral.train import GeneratorTrainConfig, train_generator
-
-    out = tmp_path_factory.mktemp("gen") / "gen"
-    cfg = load_config(GeneratorTrainConfig, REPO / "configs" / "generator-tiny.yaml", ["device=cpu"])
-    assert cfg.steps == 200
-    return train_generator([zoo], out, cfg)
+def gen_dir(tiny_generator_dir) -> Path:
+    assert json.loads((tiny_generator_dir / "config.json").read_text())["step"] == 200
+    return tiny_generator_dir
 
 
 @pytest.fixture(scope="module")

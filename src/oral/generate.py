@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import datetime as dt
+import json
 import logging
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -24,9 +25,10 @@ from safetensors.torch import save as safetensors_bytes
 from oral.conditions import ConditionConfig, ConditionEncoder, model_metadata, text_hash
 from oral.diffusion import Diffusion, DiffusionConfig
 from oral.generator import GeneratorConfig, GeneratorNet
-from oral.io import atomic_write_bytes, atomic_write_json, load_safetensors, read_json
+from oral.io import atomic_dir, atomic_write_bytes, atomic_write_json, load_safetensors, read_json
 from oral.lora import AdapterError, LoraSpec, save_adapter, validate_adapter, with_base
 from oral.models import base_id, load_base, load_base_config, weights_fingerprint
+from oral.paths import oral_home
 from oral.tokens import WeightTokenizer
 from oral.training import resolve_device
 
@@ -49,6 +51,15 @@ FORMAT_VERSION = 1  # raise it when a change to these files would make an older 
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
 CONDITIONS_NAME = "conditions.safetensors"
+CARD_NAME = "README.md"
+# The generator shipped in the package (safetensors + JSON, fp16 weights), used when none is named.
+BUNDLED = Path(__file__).parent / "pretrained" / "smollm2-135m"
+BUNDLE_COMMAND = "bash scripts/build_generator.sh"
+# A prompt whose nearest training description is less similar than this (cosine, all-MiniLM-L6-v2)
+# asks for something the generator was not trained on. Measured on the quick generator's tasks:
+# every held-out description of a trained task scored >= 0.566, 13 of 14 of the untrained tasks'
+# held-out descriptions < 0.55 (docs/RESULTS.md, "Knowing when it does not know").
+FAMILIAR_SIMILARITY = 0.55
 
 
 class GenerationError(ValueError):
@@ -134,11 +145,14 @@ class Generator:
                 f"{len(self.tokenizers)} layout(s), tasks {list(self.config['conditions']['tasks'])})")
 
     @classmethod
-    def from_pretrained(cls, path: str | Path, device: str = "auto") -> "Generator":
-        """Load GEN/config.json, GEN/model.safetensors, GEN/conditions.safetensors, GEN/tokenizers/."""
-        path = Path(path).expanduser()
+    def from_pretrained(cls, path: str | Path | None = None, device: str = "auto") -> "Generator":
+        """Load GEN/config.json, GEN/model.safetensors, GEN/conditions.safetensors, GEN/tokenizers/.
+
+        path: a generator dir (`oral train --out`); None: the generator shipped in the package."""
+        path = bundled_generator() if path is None else Path(path).expanduser()
         config = read_generator_config(path)
-        fix = f"retrain it with `oral train --out {path}`"
+        fix = (f"reinstall oral or rebuild it with `{BUNDLE_COMMAND}`" if path == BUNDLED
+               else f"retrain it with `oral train --out {path}`")
         dev = resolve_device(device)
         net = GeneratorNet(GeneratorConfig(**config["generator"]))
         net.load_state_dict(load_safetensors(path / WEIGHTS_NAME, fix))
@@ -150,6 +164,26 @@ class Generator:
             _, gi, bi = key.split(".")
             c_model[(int(gi), bases[int(bi)])] = v
         return cls(path, config, net, tokenizers, c_model, dev)
+
+    # --- what it knows ---------------------------------------------------------
+
+    def nearest_descriptions(self, prompt: str, k: int = 3) -> list[dict]:
+        """The training descriptions closest to `prompt` in the text encoder's space, best first:
+        [{"task", "description", "similarity"}] (cosine). A request far from all of them asks for
+        something the generator never learned."""
+        tasks = self.config["conditions"]["tasks"]
+        pairs = [(t, d) for t, v in tasks.items() for d in v["descriptions"]]
+        emb = self.conditions.text_condition([prompt] + [d for _, d in pairs])  # (1 + n, Ct)
+        sims = torch.nn.functional.cosine_similarity(emb[:1], emb[1:], dim=-1)  # (n,)
+        order = sims.argsort(descending=True)[:k].tolist()
+        return [{"task": pairs[i][0], "description": pairs[i][1], "similarity": round(float(sims[i]), 4)}
+                for i in order]
+
+    def familiarity(self, prompt: str) -> dict:
+        """How close `prompt` is to what the generator learned: {"familiar", "nearest": [...]} where
+        familiar = the nearest training description's similarity >= FAMILIAR_SIMILARITY."""
+        nearest = self.nearest_descriptions(prompt)
+        return {"familiar": nearest[0]["similarity"] >= FAMILIAR_SIMILARITY, "nearest": nearest}
 
     # --- layouts ---------------------------------------------------------------
 
@@ -234,6 +268,13 @@ class Generator:
         """
         if not prompt or not prompt.strip():
             raise GenerationError("the prompt is empty: describe the task the adapter should do")
+        known = self.familiarity(prompt)
+        if not known["familiar"]:
+            near = known["nearest"][0]
+            log.warning("the prompt is far from every task this generator was trained on (%s; nearest: %r of %s, "
+                        "similarity %.2f): the adapter will likely do %s, not what was asked",
+                        ", ".join(self.config["conditions"]["tasks"]), near["description"], near["task"],
+                        near["similarity"], near["task"])
         gi = self.layout_for(base, rank)
         c_model = self.model_condition(base, gi, base_model)
         tokens = self.sample_tokens(gi, c_model, prompt, seed, steps, guidance, sampler, eta)
@@ -261,8 +302,100 @@ class Generator:
         }
 
 
+def bundled_generator() -> Path:
+    """The dir of the generator shipped in the package; an error naming the rebuild if it is absent."""
+    if not (BUNDLED / CONFIG_NAME).is_file():
+        raise GenerationError(f"this install has no bundled generator ({BUNDLED} is empty); name one with "
+                              f"--generator GEN, or build it with `{BUNDLE_COMMAND}`")
+    return BUNDLED
+
+
+def bundle_generator(src: str | Path, out: str | Path = BUNDLED, dtype: torch.dtype = torch.float16,
+                     card: str = "") -> Path:
+    """Copy a trained generator's inference files into `out` (default: the package's bundled dir),
+    the network weights stored as `dtype`, with `card` as its README.md. Loading casts them back
+    to float32. Training state (checkpoints/, data/, loss log) is left out."""
+    src, out = Path(src), Path(out)
+    config = read_generator_config(src)
+    fix = f"retrain it with `oral train --out {src}`"
+    weights = {k: v.to(dtype) for k, v in load_safetensors(src / WEIGHTS_NAME, fix).items()}
+    tokenizers = [WeightTokenizer.load(src / g["tokenizer"], fix=fix) for g in config["groups"]]
+    with atomic_dir(out, overwrite=True) as tmp:
+        for g, tok in zip(config["groups"], tokenizers):
+            tok.save(tmp / g["tokenizer"])
+        (tmp / WEIGHTS_NAME).write_bytes(safetensors_bytes(weights))
+        (tmp / CONDITIONS_NAME).write_bytes((src / CONDITIONS_NAME).read_bytes())
+        (tmp / CONFIG_NAME).write_text(json.dumps({**config, "storage_dtype": str(dtype).removeprefix("torch.")},
+                                                  indent=2, sort_keys=True) + "\n")
+        if card:
+            (tmp / CARD_NAME).write_text(card)
+    return out
+
+
+def generator_card(gen: str | Path, scores: dict | None = None) -> str:
+    """A model card (markdown) for a trained generator: what it was trained on, its measured scores
+    on held-out descriptions (an `oral compare` result), and its limits."""
+    gen = Path(gen)
+    c = read_generator_config(gen)
+    tasks = c["conditions"]["tasks"]
+    t = c["train"]
+    lines = [
+        "# oral generator: smollm2-135m, LoRA r=4 on q_proj, v_proj",
+        "",
+        "Generates PEFT LoRA adapters for SmolLM2-135M-Instruct (embedded as `smollm2-135m`) from a task",
+        "description, with no gradient step: conditional recurrent diffusion over weight tokens (ORAL).",
+        "",
+        "## Training",
+        f"- zoo: {c['num_samples']} LoRA checkpoints; manifest sha256 "
+        + ", ".join(f"`{z['manifest_sha256'][:16]}`" for z in c["zoos"]),
+        f"- base versions: {', '.join(b['id'] for b in c['conditions']['bases'])} (t0 only)",
+        f"- tasks ({len(tasks)}): {', '.join(sorted(tasks))}, each with its training descriptions;"
+        " held-out descriptions were never seen",
+        f"- generator: preset `{t['preset']}` ({c['generator']['token_size']}-value tokens), {c['step']} steps,"
+        f" batch {t['batch_size']}, lr {t['lr']}, EMA {t['ema_decay']}, {c['wall_s']:.0f} s of training",
+        f"- rebuild: `{BUNDLE_COMMAND}`",
+    ]
+    if scores:
+        lines += ["", "## Measured on held-out descriptions (test split)", "",
+                  "| task | n | base | trained LoRA | generated (mean +- sd) | recovered |", "|---|---|---|---|---|---|"]
+        for r in scores["rows"]:
+            rec = "-" if r["recovered_gain"] is None else f"{100 * r['recovered_gain']:.0f}%"
+            lines.append(f"| {r['task']} | {r['n']} | {r['base']:.3f} | {r['trained']:.3f} | "
+                         f"{r['generated_mean']:.3f} +- {r['generated_std']:.3f} ({len(r['generated'])}) | {rec} |")
+        cfg = scores["config"]
+        lines += ["", f"`oral compare --descriptions {cfg['descriptions']} --seeds "
+                      f"{','.join(map(str, cfg['seeds']))} --limit {cfg['limit']}` ({scores['wall_s']:.0f} s)"]
+    lines += [
+        "",
+        "## Limits",
+        "- It knows the tasks above on smollm2-135m t0. Asked for anything else it returns the adapter of the",
+        "  nearest known task (the prompt's nearest training description is reported, and a warning is",
+        f"  logged below similarity {FAMILIAR_SIMILARITY}); it has not been shown to make adapters for unseen"
+        " tasks or unseen base versions.",
+        "- Seeds give nearly the same adapter: one zoo run per task gives one mode per task.",
+        "- The embedded base is dequantized from the Q4_1 GGUF of SmolLM2-135M-Instruct.",
+        "",
+    ]
+    return "\n".join(lines)
+
+
+def list_generators(root: str | Path | None = None) -> list[dict]:
+    """The bundled generator and those under ROOT (default $ORAL_HOME/generators): one dict each
+    with path, step, tasks, bases, layouts and adapters trained on."""
+    root = Path(root) if root is not None else oral_home() / "generators"
+    dirs = ([BUNDLED] if (BUNDLED / CONFIG_NAME).is_file() else []) + \
+        sorted(p for p in root.glob("*") if (p / CONFIG_NAME).is_file())
+    rows = []
+    for d in dirs:
+        c = read_generator_config(d)
+        rows.append({"name": "bundled" if d == BUNDLED else d.name, "path": str(d), "step": c["step"],
+                     "tasks": sorted(c["conditions"]["tasks"]), "bases": [b["id"] for b in c["conditions"]["bases"]],
+                     "layouts": len(c["groups"]), "num_samples": c["num_samples"]})
+    return rows
+
+
 def generate_adapters(
-    generator: str | Path | Generator,
+    generator: str | Path | Generator | None,
     base: str,
     prompt: str,
     out: str | Path,
@@ -276,7 +409,7 @@ def generate_adapters(
     overwrite: bool = False,
     device: str = "auto",
 ) -> list[Path]:
-    """Write `num` validated PEFT adapter dirs: OUT itself for num=1, else OUT/seed-<s> for seeds
+    """Write `num` validated PEFT adapter dirs (generator None: the bundled one): OUT itself for num=1, else OUT/seed-<s> for seeds
     seed, seed+1, ... Each dir records its provenance (generator, prompt, seed, zoo manifest hash)."""
     if num < 1:
         raise GenerationError(f"num must be >= 1, got {num}")

@@ -12,6 +12,7 @@ import sys
 
 # Each entry is a module under oral.cli exposing add_parser(subparsers) and run(args) -> int.
 COMMANDS = [
+    "demo",
     "models",
     "inspect",
     "evolve",
@@ -20,6 +21,7 @@ COMMANDS = [
     "eval",
     "train",
     "generate",
+    "generators",
     "compare",
 ]
 

@@ -6,19 +6,19 @@ def add_parser(sub) -> None:
         "generate",
         help="generate LoRA adapters for a base model from a task description",
         description=(
-            "oral generate --generator GEN --base B --prompt '...' --out DIR [--seed S] [--steps K] "
+            "oral generate [--generator GEN] --base B --prompt '...' --out DIR [--seed S] [--steps K] "
             "[--guidance G] [--num N]. With --num 1 DIR is the adapter dir; with N > 1 the adapters "
             "go to DIR/seed-<s> for seeds S .. S+N-1. Each loads with plain PeftModel.from_pretrained."
         ),
     )
-    p.add_argument("--generator", required=True, help="trained generator directory (from oral train)")
+    p.add_argument("--generator", help="trained generator directory (from oral train); default: the bundled one")
     p.add_argument("--base", required=True, help="base model: embedded name, local HF dir or hub id")
     p.add_argument("--prompt", required=True, help="what the adapter should do, in words")
     p.add_argument("--out", required=True, help="output adapter dir")
     p.add_argument("--seed", type=int, default=0, help="sampling seed (default 0)")
     p.add_argument("--steps", type=int, default=60, help="denoising steps (default 60)")
     p.add_argument("--guidance", type=float, default=1.0, help="classifier-free guidance scale (1 = off)")
-    p.add_argument("--sampler", choices=["ddim", "ddpm"], default="ddim")
+    p.add_argument("--sampler", choices=["ddim", "ddpm"], default="ddim", help="denoising sampler")
     p.add_argument("--num", type=int, default=1, help="adapters to write (seeds S, S+1, ...)")
     p.add_argument("--rank", type=int, help="LoRA rank, when the generator learned several for this base")
     p.add_argument("--device", default="auto", help="cpu, cuda, or auto")
@@ -32,6 +32,9 @@ def run(args) -> int:
     from oral.generate import Generator, generate_adapters
 
     gen = Generator.from_pretrained(args.generator, device=args.device)
+    known = gen.familiarity(args.prompt)
+    near = known["nearest"][0]
+    print(f"nearest training description: {near['description']!r} ({near['task']}, similarity {near['similarity']:.2f})")
     t0 = time.time()
     paths = generate_adapters(gen, args.base, args.prompt, args.out, seed=args.seed, num=args.num, steps=args.steps,
                               guidance=args.guidance, sampler=args.sampler, rank=args.rank, overwrite=args.overwrite)

@@ -1,8 +1,9 @@
 """Task and Example: what a model is asked, what it should answer, and how the answer is scored."""
 
+import copy
 import hashlib
 import random
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Callable
 
 SPLITS = ("train", "validation", "test")
@@ -175,6 +176,14 @@ class Task:
         if self._splits is None:
             self._splits = self._build()
         return self._splits[name]
+
+    def prefixed(self, text: str) -> "Task":
+        """The same task with `text` and a newline before every prompt: the description-in-the-prompt
+        baseline (same examples, labels and metric; the name says what was added)."""
+        out = copy.copy(self)
+        out.name = f"{self.name}+instruction"
+        out._splits = {s: [replace(e, prompt=f"{text}\n{e.prompt}") for e in self.split(s)] for s in SPLITS}
+        return out
 
     def split_sizes(self) -> dict[str, int]:
         return {s: len(self.split(s)) for s in SPLITS}
