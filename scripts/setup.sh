@@ -28,4 +28,10 @@ if command -v apt-get >/dev/null 2>&1 && [ "$(id -u)" = 0 ]; then
 fi
 # Read each installed corpus once into $ORAL_HOME/corpora (and show which are missing).
 oral evolve --list-corpora || true
-echo "setup done: . .venv/bin/activate"
+# `oral` is installed in the venv only: say how to reach it from a new shell.
+cat <<'EOF'
+
+setup done. `oral` is on PATH only inside the venv: in each new shell run
+    . .venv/bin/activate
+or call it by path: .venv/bin/oral --help
+EOF

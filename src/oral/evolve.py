@@ -28,7 +28,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from oral.corpora import corpus_id, get_corpus, split_documents
 from oral.evaluate import Evaluator
-from oral.io import atomic_dir, atomic_write_json, read_json
+from oral.io import atomic_dir, atomic_write_json, read_json, remove_debris
 from oral.models import EVOLVE_RUN_INFO, base_id, lineage, load_base
 from oral.paths import oral_home
 from oral.progress import progress_bar
@@ -229,8 +229,10 @@ def evolve(
     _check(cfg)
     out = Path(out) if out is not None else default_out(cfg)
     entry = lineage_entry(cfg)
+    remove_debris(out.parent, out.name)  # a killed run's half-written model
     if _is_done(out, entry):
         log.info("evolved model %s exists with these settings: reusing it", out)
+        shutil.rmtree(checkpoint_dir(out), ignore_errors=True)  # left if killed right after writing it
         return out
     if out.exists():
         raise FileExistsError(f"{out} exists and is not this run's output; remove it or choose another --out")

@@ -239,6 +239,11 @@ def _evaluate(model, tok, task, cfg: FinetuneConfig) -> dict:
     return {"metric": res["metric"], "value": float(res["value"]), "n": int(res["n"])}
 
 
+def drop_training_checkpoints(zoo: Zoo, run_id: str) -> None:
+    """Remove a done run's training checkpoints (a run killed right after its final record leaves them)."""
+    shutil.rmtree(zoo.root / "runs" / run_id / "checkpoints", ignore_errors=True)
+
+
 def train_run(base: LoadedBase, task, key: str, rank: int, seed: int, cfg: FinetuneConfig, zoo: Zoo,
               device: torch.device, worker: int = 0, position: int = 1) -> tuple[str, list[Path], str]:
     """Train one run (or finish a stopped one from its latest training checkpoint) into `zoo`.
@@ -256,6 +261,7 @@ def train_run(base: LoadedBase, task, key: str, rank: int, seed: int, cfg: Finet
             return run_id, [], "busy"
         recorded = {r["step"]: r for r in zoo.all_records() if r["run_id"] == run_id}
         if any(r.get("final") for r in recorded.values()):
+            drop_training_checkpoints(zoo, run_id)
             return run_id, kept, "skipped"
         clean_run_dir(zoo, run_id, set(recorded))
 

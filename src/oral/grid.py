@@ -24,7 +24,8 @@ from pathlib import Path
 from oral import evolve
 from oral import tasks as tasks_mod
 from oral.config import load_config
-from oral.finetune import FinetuneConfig, LoadedBase, as_loaded_base, task_key, train_run
+from oral.finetune import (FinetuneConfig, LoadedBase, as_loaded_base, drop_training_checkpoints, task_key,
+                            train_run)
 from oral.models import base_id
 from oral.paths import expand_path
 from oral.progress import progress_bar
@@ -184,6 +185,8 @@ def run_grid(cfg: ZooConfig, rank: int | None = None, world_size: int | None = N
         rid = run_id_for(base_id(expand_path(r.base)), task_key(r.task), r.rank, r.seed, cfg.train)
         if rid not in done:
             todo.append(r)
+        else:
+            drop_training_checkpoints(zoo, rid)
     counts = {"runs": len(runs), "skipped": len(runs) - len(todo), "trained": 0, "busy": 0,
               "waiting": len(shard(waiting, rank, world_size))}
     bar = progress_bar(total=len(runs), initial=counts["skipped"], desc=f"zoo grid [{rank}/{world_size}]",

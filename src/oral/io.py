@@ -1,17 +1,45 @@
 """Atomic writes (a reader sees the old file or the new one, never half of one) and checked reads
-(a damaged file is one `DamagedFileError` naming the file and how to rebuild it)."""
+(a damaged file is one `DamagedFileError` naming the file and how to rebuild it).
+
+Fault injection, for tests (tests/test_kill_anywhere.py): ORAL_FAULT="POINT:N" makes the process
+SIGKILL itself the N-th time it reaches POINT. Read once at import; unset, it costs one string
+comparison per write. The points:
+    commit     an atomic_dir's temporary dir is complete, not yet renamed onto its final name
+    swap       an overwriting atomic_dir has moved the old dir aside; the new one is not in place
+    committed  an atomic_dir has just been renamed into place (what its caller does next is not done)
+    append     append_jsonl has written the first half of its line (a torn record)
+    appended   append_jsonl has written and fsynced its whole line
+"""
 
 import contextlib
 import fcntl
 import json
 import os
+import re
 import shutil
+import signal
 import tempfile
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Iterator
+from typing import TYPE_CHECKING, Any, Callable, Iterator
 
 if TYPE_CHECKING:
     import torch
+
+
+_FAULT_POINT, _, _FAULT_AT = os.environ.get("ORAL_FAULT", "").partition(":")
+_fault_hits = 0
+
+
+def _fault(point: str, before_kill: Callable[[], Any] | None = None) -> None:
+    """SIGKILL this process (after `before_kill()`) at the N-th visit of `point`, when ORAL_FAULT says so."""
+    global _fault_hits
+    if point != _FAULT_POINT:
+        return
+    _fault_hits += 1
+    if _fault_hits == int(_FAULT_AT):
+        if before_kill is not None:
+            before_kill()
+        os.kill(os.getpid(), signal.SIGKILL)
 
 
 def _fsync_dir(path: Path) -> None:
@@ -62,18 +90,43 @@ def atomic_dir(final: str | os.PathLike, overwrite: bool = False) -> Iterator[Pa
     tmp = Path(tempfile.mkdtemp(dir=final.parent, prefix=f".{final.name}.", suffix=".tmp"))
     try:
         yield tmp
+        _fault("commit")
         if final.exists():
             old = final.with_name(f".{final.name}.old")
             shutil.rmtree(old, ignore_errors=True)
             os.replace(final, old)
+            _fault("swap")
             os.replace(tmp, final)
             shutil.rmtree(old, ignore_errors=True)
         else:
             os.replace(tmp, final)
         _fsync_dir(final.parent)
+        _fault("committed")
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def remove_debris(directory: str | os.PathLike, name: str | None = None) -> None:
+    """Undo what killed atomic writers left in `directory` (of entry `name` only, when given).
+
+    Their temporary files and dirs (".NAME.<random>.tmp") are removed. An old dir an overwrite had
+    moved aside (".NAME.old") is put back as NAME when NAME is missing (the write is undone), else
+    removed. Call it only on a directory this process writes alone.
+    """
+    directory = Path(directory)
+    if not directory.is_dir():
+        return
+    entry = re.escape(name) if name is not None else ".+"
+    for p in directory.iterdir():
+        if re.fullmatch(rf"\.{entry}\.[^.]+\.tmp", p.name):
+            shutil.rmtree(p) if p.is_dir() and not p.is_symlink() else p.unlink()
+        elif m := re.fullmatch(rf"\.({entry})\.old", p.name):
+            final = directory / m.group(1)
+            if final.exists():
+                shutil.rmtree(p)
+            else:
+                os.replace(p, final)
 
 
 @contextlib.contextmanager
@@ -90,32 +143,54 @@ def file_lock(path: str | os.PathLike) -> Iterator[None]:
 
 
 def append_jsonl(path: str | os.PathLike, record: dict) -> None:
-    """Append one JSON line under a lock, flushed and fsynced: concurrent writers never interleave."""
+    """Append one JSON line under a lock, flushed and fsynced: concurrent writers never interleave.
+
+    A writer killed mid-line leaves a torn last line. Holding the lock, no live writer is mid-line,
+    so an unterminated last line that `_is_torn` is that writer's: it is cut off before this
+    record is written. Anything else left without its newline is kept and ended.
+    """
     path = Path(path)
-    line = json.dumps(record, sort_keys=True) + "\n"
+    data = (json.dumps(record, sort_keys=True) + "\n").encode("utf-8")
     with file_lock(path.with_name(path.name + ".lock")):
         with open(path, "a+b") as f:
-            # A writer killed mid-line leaves a torn last line: start on a fresh line so this
-            # record stays whole (read_jsonl skips the torn one).
-            f.seek(0, os.SEEK_END)
-            if f.tell() > 0:
-                f.seek(-1, os.SEEK_END)
-                if f.read(1) != b"\n":
-                    line = "\n" + line
-            f.write(line.encode("utf-8"))
+            end = f.seek(0, os.SEEK_END)
+            start = f.seek(max(0, end - _TAIL_BYTES))
+            tail = f.read()
+            newline = tail.rfind(b"\n")
+            last = tail[newline + 1 :]  # the unterminated last line (b"" when the file ends a line)
+            if last and (newline >= 0 or start == 0) and _is_torn(last.decode("utf-8", "replace")):
+                f.truncate(end - len(last))  # a torn record: cut it off
+            elif last:
+                data = b"\n" + data  # a whole record without its newline (or junk, or a torn line too long to see)
+            _fault("append", lambda: (f.write(data[: len(data) // 2]), f.flush()))
+            f.write(data)
             f.flush()
             os.fsync(f.fileno())
+            _fault("appended")
+
+
+_TAIL_BYTES = 1 << 16  # how far append_jsonl looks back for a torn last line
+
+
+def _is_torn(line: str) -> bool:
+    """A prefix of a JSON record whose writer was killed: it starts with "{", does not parse, and is
+    not a whole object followed by more text."""
+    try:
+        json.loads(line)
+    except json.JSONDecodeError as e:
+        return line.startswith("{") and not e.msg.startswith("Extra data")
+    return False
 
 
 def read_jsonl(path: str | os.PathLike, fix: str = "remove that line or restore the file") -> list[dict]:
     """Read a JSONL file of objects (as `append_jsonl` writes them); a missing file is empty.
 
-    A writer killed mid-line leaves a torn line, and the next `append_jsonl` starts on a fresh
-    line, so a torn line may sit anywhere in the file. The rule: a line that starts with "{" but
-    does not parse, and is not a whole object followed by more text, is a torn record and is
-    skipped. Any other line that is not one JSON object (junk, a bare value, an object with text
-    after it, bytes that are not UTF-8) raises `DamagedFileError` naming the file, the line number
-    and `fix`.
+    A writer killed mid-line leaves a torn last line, which the next `append_jsonl` cuts off (older
+    versions started a fresh line after it, so one may sit anywhere in an older file). The rule
+    (`_is_torn`): a line that starts with "{" but does not parse, and is not a whole object
+    followed by more text, is a torn record and is skipped. Any other line that is not one JSON
+    object (junk, a bare value, an object with text after it, bytes that are not UTF-8) raises
+    `DamagedFileError` naming the file, the line number and `fix`.
     """
     path = Path(path)
     if not path.exists():
@@ -130,9 +205,9 @@ def read_jsonl(path: str | os.PathLike, fix: str = "remove that line or restore 
             continue
         try:
             record = json.loads(line)
-        except json.JSONDecodeError as e:
-            if line.startswith("{") and not e.msg.startswith("Extra data"):
-                continue  # torn: a prefix of a record whose writer was killed
+        except json.JSONDecodeError:
+            if _is_torn(line):
+                continue
             raise DamagedFileError(path, f"line {number} is not a JSON record: {line[:40]!r}", fix) from None
         if not isinstance(record, dict):
             raise DamagedFileError(path, f"line {number} is not a JSON record: {line[:40]!r}", fix)

@@ -19,6 +19,7 @@ import datetime as dt
 import json
 import math
 import re
+import warnings
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Iterable, Mapping
@@ -35,6 +36,11 @@ from oral.io import (
     atomic_dir, atomic_write_json, atomic_write_text, load_safetensors, open_safetensors, parse_json, read_json,
 )
 from oral.models import EMBEDDED, load_base_config, loadable_base
+
+# PEFT asks every model it wraps for `is_gradient_checkpointing`, which transformers 5 deprecates with a
+# FutureWarning (printed by every training command); the alias still works, so that one warning is hidden.
+warnings.filterwarnings("ignore", message=r"`is_gradient_checkpointing` is deprecated", category=FutureWarning,
+                        module=r"transformers\.modeling_utils")
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"

@@ -1,9 +1,12 @@
 """Base models: load by embedded name, local directory or Hugging Face hub id."""
 
+import difflib
+import functools
 import hashlib
 import importlib.metadata
 import json
 import logging
+import os
 import shlex
 from dataclasses import dataclass
 from pathlib import Path
@@ -151,7 +154,61 @@ def resolve(name_or_path: str | Path) -> str:
         return str(path.resolve())
     if name.startswith((".", "/", "~")):
         raise ModelError(f"model directory {name} does not exist")
+    _check_hub_id(name)
     return name  # a hub id
+
+
+def _hub_offline() -> bool:
+    """HF_HUB_OFFLINE (or TRANSFORMERS_OFFLINE) as set now, not only when huggingface_hub was imported."""
+    from huggingface_hub import constants
+
+    flags = (os.environ.get("HF_HUB_OFFLINE"), os.environ.get("TRANSFORMERS_OFFLINE"))
+    return constants.HF_HUB_OFFLINE or any(str(f).upper() in ("1", "ON", "YES", "TRUE") for f in flags if f)
+
+
+@functools.cache
+def _hub_unreachable(timeout: float = 3.0) -> str | None:
+    """Why the hub cannot be reached (one request, no retries; asked once per process), or None."""
+    from huggingface_hub import constants, get_session
+
+    try:
+        get_session().head(constants.ENDPOINT, timeout=timeout)
+    except Exception as e:  # connection, DNS, proxy and timeout errors of the HTTP client
+        return f"{constants.ENDPOINT} is unreachable ({type(e).__name__}: {e})"
+    return None
+
+
+def _in_hub_cache(name: str) -> bool:
+    """Whether the local Hugging Face cache holds this hub model's config (loadable offline)."""
+    from huggingface_hub import try_to_load_from_cache
+
+    try:
+        return isinstance(try_to_load_from_cache(name, "config.json"), str)
+    except ValueError:  # not a valid repo id
+        return False
+
+
+def _did_you_mean(name: str) -> str:
+    """A hint naming the embedded model closest to a name that failed to load, if one is close."""
+    for m in EMBEDDED.values():
+        if m.hub_id and name.lower() == m.hub_id.lower():
+            return f"; the embedded {m.name!r} is that model (dequantized), loadable offline"
+    close = difflib.get_close_matches(name.lower(), list(EMBEDDED), n=1, cutoff=0.6)
+    return f"; did you mean {close[0]!r}?" if close else ""
+
+
+def _check_hub_id(name: str) -> None:
+    """Fail at once, instead of after the hub client's retries, on a name neither embedded nor a local
+    dir when the hub is offline or unreachable and its cache does not hold the model."""
+    if _in_hub_cache(name):
+        return
+    why = "HF_HUB_OFFLINE is set" if _hub_offline() else _hub_unreachable()
+    if why is None:
+        return
+    raise ModelError(
+        f"unknown base model {name!r}: not an embedded name ({', '.join(EMBEDDED)}), not a local directory, "
+        f"and not in the local hub cache while {why}{_did_you_mean(name)}"
+    )
 
 
 # A local dir's (name, size, mtime) per checked file, once it passed: each dir is read once per process.
@@ -196,7 +253,7 @@ def rebuild_hint(path: Path) -> str:
 def _hub_error(name: str, err: Exception) -> ModelError:
     return ModelError(
         f"cannot load base model {name!r}: not an embedded name ({', '.join(EMBEDDED)}), "
-        f"not a local directory, and the hub did not serve it ({type(err).__name__}: {err})"
+        f"not a local directory, and the hub did not serve it ({type(err).__name__}: {err}){_did_you_mean(name)}"
     )
 
 

@@ -38,10 +38,10 @@ from oral.conditions import ConditionConfig
 from oral.diffusion import Diffusion, DiffusionConfig
 from oral.generate import CONFIG_NAME, save_generator
 from oral.generator import GENERATOR_PRESETS, GeneratorConfig, GeneratorNet, generator_config
-from oral.io import atomic_write_bytes, atomic_write_text
+from oral.io import atomic_write_bytes, atomic_write_text, read_json, remove_debris
 from oral.progress import progress_bar
-from oral.training import (latest_checkpoint, load_checkpoint, lr_at, resolve_device, save_checkpoint, set_lr,
-                           step_rng)
+from oral.training import (latest_checkpoint, load_checkpoint, lr_at, prune_checkpoints, resolve_device,
+                           save_checkpoint, set_lr, step_rng)
 from oral.zoo_data import prepare_training_data
 
 log = logging.getLogger(__name__)
@@ -172,7 +172,10 @@ def train_generator(zoos: list[str | Path], out: str | Path, cfg: GeneratorTrain
     device = accelerator.device
     main = accelerator.is_main_process
 
-    # 1) data and conditions
+    # 1) data and conditions (after undoing the writes a killed run left half done)
+    if main:
+        remove_debris(out)
+        remove_debris(out / "tokenizers")
     data = prepare_training_data(zoos, out, cfg, save=main)
     cm_dim = next(iter(data.groups[0].c_model.values())).numel()
     net_cfg = cfg.generator_config(cm_dim, data.c_text[0].shape[1])
@@ -256,16 +259,25 @@ def train_generator(zoos: list[str | Path], out: str | Path, cfg: GeneratorTrain
             rows.append({"step": done, "loss": loss.item(), "lr": lr, "wall_s": time.time() - t0})
             bar.set_postfix(loss=f"{loss.item():.4f}", lr=f"{lr:.2e}")
         if main and (done % cfg.save_every == 0 or done == end):
+            # the loss log first: a resumed run keeps the rows up to its checkpoint, so none is lost
+            _write_log(out, rows)
+            _write_plot(out, rows, f"masked MSE ({cfg.diffusion.prediction_type} prediction)")
             save_checkpoint(out / CHECKPOINTS, done, net, opt, run_key, tensors={"ema": _ema_weights(net, ema)},
                             keep=cfg.keep_checkpoints)
             _export(out, net_cfg, _ema_weights(net, ema), data, cfg, done, time.time() - t0)
-            _write_log(out, rows)
-            _write_plot(out, rows, f"masked MSE ({cfg.diffusion.prediction_type} prediction)")
     bar.close()
     accelerator.wait_for_everyone()
-    if main and start >= end and not (out / CONFIG_NAME).exists():
-        _export(out, net_cfg, _ema_weights(net, ema), data, cfg, start, time.time() - t0)
+    if main and start >= end:  # nothing to train: finish what a run killed after its last checkpoint left undone
+        prune_checkpoints(out / CHECKPOINTS, cfg.keep_checkpoints)
+        if _exported_step(out) != start:
+            _export(out, net_cfg, _ema_weights(net, ema), data, cfg, start, time.time() - t0)
     return out
+
+
+def _exported_step(out: Path) -> int | None:
+    """The step of the generator exported in `out` (None if none)."""
+    path = out / CONFIG_NAME
+    return read_json(path, "remove it to export it again").get("step") if path.exists() else None
 
 
 def _export(out: Path, net_cfg: GeneratorConfig, weights: dict, data, cfg: GeneratorTrainConfig, step: int,

@@ -169,9 +169,14 @@ def save_checkpoint(root: str | Path, step: int, model: torch.nn.Module, optimiz
             save_file({k: v.detach().cpu().contiguous() for k, v in group.items()}, str(tmp / f"{name}.safetensors"))
         meta = {**(state or {}), "step": step, "run": run_key, "optimizer": opt_meta}
         (tmp / STATE_NAME).write_text(json.dumps(meta, indent=1))
+    prune_checkpoints(root, keep)
+    return final
+
+
+def prune_checkpoints(root: str | Path, keep: int) -> None:
+    """Remove all but the latest `keep` complete checkpoints under `root` (keep <= 0: remove none)."""
     for old in checkpoint_dirs(root)[:-keep] if keep > 0 else []:
         shutil.rmtree(old, ignore_errors=True)
-    return final
 
 
 def load_checkpoint(path: str | Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer, run_key: dict,

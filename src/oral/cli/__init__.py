@@ -33,7 +33,19 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     for name in COMMANDS:
         importlib.import_module(f"oral.cli.{name}").add_parser(sub)
+    for p in sub.choices.values():
+        p.formatter_class = HelpFormatter  # each command's --help shows its defaults
     return parser
+
+
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Adds "(default: X)" to an option's help, unless X is None, False or [] (nothing to show) or the
+    help already says its default."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        if action.default is None or action.default is False or action.default == [] or "default" in (action.help or ""):
+            return action.help or ""
+        return super()._get_help_string(action)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -4,10 +4,13 @@ import json
 
 
 def add_parser(sub) -> None:
-    p = sub.add_parser("compare", help="score base, trained and generated adapters on tasks' test splits")
+    p = sub.add_parser("compare", help="score base, trained and generated adapters on tasks' test splits",
+                       description="oral compare --generator GEN --zoo ZOO: per task, the base model, the zoo's "
+                                   "trained adapter and adapters generated from held-out descriptions, on the "
+                                   "test split.")
     p.add_argument("--generator", required=True, help="trained generator dir")
     p.add_argument("--zoo", required=True, help="zoo with the trained adapters")
-    p.add_argument("--base", default="smollm2-135m")
+    p.add_argument("--base", default="smollm2-135m", help="base model: embedded name, local HF dir or hub id")
     p.add_argument("--tasks", default="", help="comma-separated tasks (default: every task the zoo has)")
     p.add_argument("--rank", type=int, default=4, help="rank of the zoo runs compared against (default 4)")
     p.add_argument("--zoo-seed", type=int, default=0, help="training seed of the zoo runs compared against (default 0)")
@@ -15,7 +18,7 @@ def add_parser(sub) -> None:
     p.add_argument("--descriptions", type=int, default=1, help="held-out descriptions to prompt with")
     p.add_argument("--limit", type=int, default=200, help="test examples per task and adapter")
     p.add_argument("--steps", type=int, default=60, help="DDIM steps")
-    p.add_argument("--guidance", type=float, default=1.0)
+    p.add_argument("--guidance", type=float, default=1.0, help="classifier-free guidance scale (1 = off)")
     p.add_argument("--json-out", help="write the full result here")
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
     p.set_defaults(func=run)

@@ -5,7 +5,9 @@ import sys
 
 
 def add_parser(sub) -> None:
-    p = sub.add_parser("inspect", help="describe and validate a PEFT LoRA adapter dir")
+    p = sub.add_parser("inspect", help="describe and validate a PEFT LoRA adapter dir",
+                       description="oral inspect DIR [--base B]: the adapter's modules, ranks, sizes, token count, "
+                                   "norms, provenance and every problem found (checked against B if given).")
     p.add_argument("adapter", help="adapter dir (adapter_config.json + adapter_model.safetensors)")
     p.add_argument("--base", default=None, help="base model (embedded name, dir or hub id) to check module shapes against")
     p.add_argument("--token-size", type=int, default=128, help="weight token size D for the token count")

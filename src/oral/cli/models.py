@@ -4,7 +4,9 @@ import json
 
 
 def add_parser(sub) -> None:
-    p = sub.add_parser("models", help="list the embedded base models")
+    p = sub.add_parser("models", help="list the embedded base models",
+                       description="List the base models oral embeds (name, architecture, size, source, cached "
+                                   "dir); any local HF model dir or hub id works as a base too.")
     p.add_argument("--json", action="store_true", help="print JSON")
     p.set_defaults(func=run)
 

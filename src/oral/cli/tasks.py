@@ -4,7 +4,10 @@ import json
 
 
 def add_parser(sub) -> None:
-    p = sub.add_parser("tasks", help="list the tasks: name, kind, split sizes, metric, one description")
+    p = sub.add_parser("tasks", help="list the tasks: name, kind, split sizes, metric, one description",
+                       description="List the built-in tasks (and task YAML files given with --task): name, kind, "
+                                   "split sizes, metric and one description; --export-lm-eval writes them for "
+                                   "lm-evaluation-harness.")
     p.add_argument("--json", action="store_true", help="print JSON (all descriptions, templates, labels)")
     p.add_argument("--task", action="append", default=[], help="also load this task YAML file (repeatable)")
     p.add_argument("--export-lm-eval", metavar="DIR", help="write lm-evaluation-harness task YAMLs + data files to DIR")

@@ -23,7 +23,7 @@ def add_parser(sub) -> None:
     p.add_argument("--steps", type=int, help="optimizer steps (default 100)")
     p.add_argument("--keep", type=int, help="checkpoints kept: the last K (default 10)")
     p.add_argument("--out", help="zoo directory (manifest.jsonl + runs/)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="training seed of the run")
     p.add_argument("--targets", help="comma-separated module names (default q_proj,v_proj)")
     p.add_argument("--lr", type=float, help="learning rate (default 2e-3)")
     p.add_argument("--batch-size", type=int, help="batch size (default 8)")
@@ -46,10 +46,23 @@ def add_parser(sub) -> None:
     p.set_defaults(func=run)
 
 
-def _print_summary(zoo_dir: str, as_json: bool, where: list[str], table: str | None) -> None:
-    from oral.zoo import Zoo, summary_table
+def _existing_zoo(zoo_dir: str):
+    """The zoo at ZOO_DIR; a dir without a manifest is an error naming the commands that build a zoo."""
+    from oral.zoo import MANIFEST, Zoo, ZooError
 
-    rows = Zoo(zoo_dir).summary(**_filters(where))
+    zoo = Zoo(zoo_dir)
+    if not zoo.manifest.is_file():
+        what = "does not exist" if not zoo.root.exists() else f"has no {MANIFEST}"
+        raise ZooError(f"{zoo.root} {what}, so it is not a zoo; build one with `oral zoo --config "
+                       f"configs/zoo-quick.yaml --out {zoo_dir}` (a grid) or `oral zoo --base B --task T "
+                       f"--out {zoo_dir}` (one run)")
+    return zoo
+
+
+def _print_summary(zoo_dir: str, as_json: bool, where: list[str], table: str | None) -> None:
+    from oral.zoo import summary_table
+
+    rows = _existing_zoo(zoo_dir).summary(**_filters(where))
     if as_json:
         print(json.dumps(rows, indent=2))
         return
@@ -85,9 +98,9 @@ def _filters(where: list[str]) -> dict[str, set]:
 
 def _evaluate(args) -> None:
     from oral.io import atomic_write_text
-    from oral.zoo import Zoo, ZooError, evaluate_checkpoints
+    from oral.zoo import ZooError, evaluate_checkpoints
 
-    zoo = Zoo(args.out)
+    zoo = _existing_zoo(args.out)
     records = zoo.records(**_filters(args.where))
     if not records:
         raise ZooError(f"no completed checkpoint in {args.out} matches {args.where or 'anything'}")
