@@ -13,6 +13,7 @@ prototypes are computed once per sample, and each denoising step only runs the s
 from __future__ import annotations
 
 import dataclasses
+import logging
 import math
 from dataclasses import dataclass, field
 
@@ -22,6 +23,18 @@ import torch.nn.functional as F
 from transformers import MambaConfig, MambaModel
 
 DENOISERS = ("mlp", "conv")
+
+
+class _NoCudaKernelNotice(logging.Filter):
+    """Drops transformers' "install mamba_ssm / causal_conv1d for the optimized kernel" notices: those
+    kernels are CUDA-only, so on a machine without CUDA the notice has no action to offer."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "falling back to its reference PyTorch implementation" not in record.getMessage()
+
+
+if not torch.cuda.is_available():
+    logging.getLogger("transformers.integrations.hub_kernels").addFilter(_NoCudaKernelNotice())
 
 
 @dataclass
