@@ -1,12 +1,10 @@
 """oral demo, the bundled generator and how far a prompt is from what a generator learned."""
 
-import dataclasses
 import json
 from pathlib import Path
 
 import pytest
 import torch
-import yaml
 
 from oral.config import load_config
 from oral.demo import format_demo, run_demo, scratch_configs
