@@ -1,10 +1,9 @@
 #!/usr/bin/env bash
 # Rebuild the bundled generator (src/oral/pretrained/smollm2-135m) from nothing, with the project's
 # own commands: the quick zoo (4 tasks x one 120-step LoRA run on smollm2-135m, the last 12
-# checkpoints kept) and the generator of configs/generator-quick.yaml, both as `oral demo
-# --from-scratch` builds them (it stops the generator at step 500), then the generator trained to
-# its 1000 steps, its scores on held-out descriptions, and the fp16 copy with its model card.
-# Resumable: rerunning skips what is done.
+# checkpoints kept) and the generator of configs/generator-quick.yaml stopped at step 500, both as
+# `oral demo --from-scratch` builds them; then its scores on held-out descriptions, and the fp16
+# copy with its model card. Resumable: rerunning skips what is done.
 # Time on 2 idle CPU cores: see docs/RESULTS.md ("The bundled generator").
 #   bash scripts/build_generator.sh
 set -euo pipefail
@@ -12,10 +11,9 @@ cd "$(dirname "$0")/.."
 . .venv/bin/activate
 HOME_DIR=${ORAL_HOME:-$HOME/.cache/oral}
 GEN=$HOME_DIR/generators/demo
-SCORES=docs/results/bundled-generator.json
+SCORES=docs/results/generator-demo-step500.json
 T0=$(date +%s)
 oral demo --from-scratch --build-only
-oral train --zoo "$HOME_DIR/zoos/quick" --out "$GEN" --config configs/generator-quick.yaml
 oral compare --generator "$GEN" --zoo "$HOME_DIR/zoos/quick" --base smollm2-135m --descriptions 2 \
     --seeds 0,1,2 --limit 200 --json-out "$SCORES"
 oral generators --bundle "$GEN" --scores "$SCORES"

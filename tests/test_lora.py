@@ -240,7 +240,8 @@ def test_smollm2_adapter_names_the_hub_model_and_its_provenance_keeps_the_embedd
 
 
 def test_scores_join_the_card_and_a_new_score_replaces_the_one_of_its_task_split_and_base(tmp_path):
-    from oral.lora import read_model_card, write_model_card
+    from oral.cards import read_model_card
+    from oral.lora import write_model_card
 
     spec = spec_for_model(fresh_tiny(), ["q_proj"], 2, 4)
     first = {"task": "sms-spam", "split": "test", "metric": "accuracy", "value": 0.5, "n": 10, "base": "tiny-llama"}
