@@ -14,10 +14,11 @@ from __future__ import annotations
 
 import dataclasses
 import datetime as dt
+import itertools
 import json
 import logging
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Callable, Iterator
 
 import torch
 from safetensors.torch import save as safetensors_bytes
@@ -25,9 +26,9 @@ from safetensors.torch import save as safetensors_bytes
 from oral.conditions import ConditionConfig, ConditionEncoder, model_metadata, text_hash
 from oral.diffusion import Diffusion, DiffusionConfig
 from oral.generator import GeneratorConfig, GeneratorNet
-from oral.io import atomic_dir, atomic_write_bytes, atomic_write_json, load_safetensors, read_json
+from oral.io import atomic_dir, atomic_write_bytes, atomic_write_json, file_lock, load_safetensors, read_json
 from oral.lora import AdapterError, LoraSpec, save_adapter, validate_adapter, with_base
-from oral.models import base_id, load_base, load_base_config, weights_fingerprint
+from oral.models import base_id, load_base, load_base_config, resolve, weights_fingerprint
 from oral.paths import oral_home
 from oral.tokens import WeightTokenizer
 from oral.training import resolve_device
@@ -56,10 +57,16 @@ CARD_NAME = "README.md"
 BUNDLED = Path(__file__).parent / "pretrained" / "smollm2-135m"
 BUNDLE_COMMAND = "bash scripts/build_generator.sh"
 # A prompt whose nearest training description is less similar than this (cosine, all-MiniLM-L6-v2)
-# asks for something the generator was not trained on. Measured on the quick generator's tasks:
-# every held-out description of a trained task scored >= 0.566, 13 of 14 of the untrained tasks'
-# held-out descriptions < 0.55 (docs/RESULTS.md, "Knowing when it does not know").
+# asks for something the generator was not trained on. Set from the bundled generator's four tasks
+# (their 8 held-out descriptions score >= 0.566); 11 of the other 8 tasks' 12 held-out descriptions
+# fall below it (scripts/familiarity.py; docs/RESULTS.md, "Knowing when it does not know").
 FAMILIAR_SIMILARITY = 0.55
+
+
+# Sampling streams the weight tokens in chunks of this many tokens: a chunk's prototypes, then its whole
+# denoising trajectory, then its decoding. The trained small layouts (SmolLM2 r=4 q,v: 300 tokens with
+# "smol", 900 with "small") fit in one chunk and are sampled in one piece, as before streaming.
+SAMPLE_CHUNK = 1024
 
 
 class GenerationError(ValueError):
@@ -136,6 +143,10 @@ class Generator:
         self.tokenizers = tokenizers
         self.c_model_cache = c_model  # (group, base id) -> (Cm,)
         self.device = device
+        self.chunk = SAMPLE_CHUNK  # tokens per sampling chunk
+        # torch.bfloat16: the denoiser's matmuls in bf16 under autocast (about 2x on CPUs with AVX512-BF16;
+        # 0.6% relative error per call, its effect on accuracy not measured). None: fp32 throughout.
+        self.autocast: torch.dtype | None = None
         cond = config["conditions"]
         self.conditions = ConditionEncoder(ConditionConfig(**{k: cond[k] for k in ConditionConfig.__dataclass_fields__}))
         self.diffusion = Diffusion(DiffusionConfig(**config["train"]["diffusion"]))
@@ -215,6 +226,10 @@ class Generator:
             raise GenerationError(f"base {base!r} fits {len(fits)} learned layouts (ranks {ranks}); pick one with rank=")
         return fits[0]
 
+    def needs_base_weights(self, base: str, group: int) -> bool:
+        """Whether c_model for `base` needs its weights: the fingerprint is on and the base was not seen in training."""
+        return self.conditions.config.fingerprint and (group, base_id(base)) not in self.c_model_cache
+
     def model_condition(self, base: str, group: int, base_model: torch.nn.Module | None = None) -> torch.Tensor:
         """c_model for `base`: cached for a base seen in training, else computed (loads its weights
         when the fingerprint is on)."""
@@ -233,30 +248,61 @@ class Generator:
 
     @torch.no_grad()
     def sample_tokens(self, group: int, c_model: torch.Tensor, prompt: str, seed: int = 0, steps: int = 60,
-                      guidance: float = 1.0, sampler: str = "ddim", eta: float = 0.0) -> torch.Tensor:
-        """Weight tokens (N, D) for one prompt; deterministic given the seed."""
+                      guidance: float = 1.0, sampler: str = "ddim", eta: float = 0.0, chunk: int | None = None) -> torch.Tensor:
+        """Weight tokens (N, D) for one prompt; deterministic given the seed (see `sample_token_chunks`)."""
+        tok = self.tokenizers[group]
+        x = torch.empty(tok.num_tokens, tok.token_size)  # (N, D)
+        for start, part in self.sample_token_chunks(group, c_model, prompt, seed, steps, guidance, sampler, eta, chunk):
+            x[start : start + len(part)] = part.cpu()
+        return x * tok.mask  # padding back to 0
+
+    @torch.no_grad()
+    def sample_token_chunks(self, group: int, c_model: torch.Tensor, prompt: str, seed: int = 0, steps: int = 60,
+                            guidance: float = 1.0, sampler: str = "ddim", eta: float = 0.0,
+                            chunk: int | None = None) -> Iterator[tuple[int, torch.Tensor]]:
+        """The weight tokens of one adapter as (first row, tokens (n, D)) in order, `chunk` tokens at a time
+        (default `self.chunk`): a chunk's prototypes (the Mamba state carried from the chunk before), then its
+        whole denoising trajectory. Memory is one chunk's, time linear in N.
+
+        A layout of at most one chunk is sampled in one piece. With DDIM at eta=0 the tokens do not
+        depend on the chunk size (up to float rounding in the prototypes): the initial noise is drawn
+        chunk by chunk from one generator, which gives the same numbers as one draw. DDPM and eta > 0
+        draw fresh noise at every step, chunk by chunk, so there the draw depends on the chunk size.
+        """
         tok = self.tokenizers[group]
         dev = self.device
+        chunk = chunk or self.chunk
         positions = tok.positions.to(dev)[None]  # (1, N, 4)
         cm = c_model.to(dev)[None]  # (1, Cm)
         ct = self.conditions.text_condition([prompt]).to(dev)  # (1, Ct)
         drop_text = torch.tensor([False], device=dev)
-        p_cond = self.net.prototypes(positions, self.net.condition(cm, ct, drop_text))[0]  # (N, d)
-        if guidance == 1.0:
-            def denoise(x, t):
-                return self.net.denoise(x, t, p_cond)
-        else:
-            p_null = self.net.prototypes(positions, self.net.condition(cm, ct, ~drop_text))[0]  # (N, d)
-            p_both = torch.cat([p_null, p_cond])  # (2N, d)
-
-            def denoise(x, t):
-                pred_null, pred_cond = self.net.denoise(torch.cat([x, x]), torch.cat([t, t]), p_both).chunk(2)
-                return pred_null + guidance * (pred_cond - pred_null)
-
+        p_cond = self.net.prototype_chunks(positions, self.net.condition(cm, ct, drop_text), chunk)  # (1, n, d) each
+        p_null = (self.net.prototype_chunks(positions, self.net.condition(cm, ct, ~drop_text), chunk)
+                  if guidance != 1.0 else itertools.repeat(None))
         rng = torch.Generator().manual_seed(int(seed))
-        x = self.diffusion.sample(denoise, (tok.num_tokens, tok.token_size), steps=steps, sampler=sampler,
-                                  eta=eta, generator=rng, device=dev)
-        return x.cpu() * tok.mask  # padding back to 0
+        start = 0
+        for pc, pn in zip(p_cond, p_null):
+            n = pc.shape[1]
+            with torch.autocast(dev.type, dtype=self.autocast, enabled=self.autocast is not None):
+                x = self.diffusion.sample(self._denoiser(pc[0], None if pn is None else pn[0], guidance),
+                                          (n, tok.token_size), steps=steps, sampler=sampler, eta=eta, generator=rng,
+                                          device=dev)
+            yield start, x
+            start += n
+
+    def _denoiser(self, p_cond: torch.Tensor, p_null: torch.Tensor | None, guidance: float) -> Callable:
+        """denoise(x (n, D), t (n,)) for tokens with prototypes p_cond (n, d); classifier-free guidance
+        against the prototypes of the null prompt p_null (n, d) when guidance != 1."""
+        if p_null is None:
+            def denoise(x, t):
+                return self.net.denoise(x, t, p_cond).float()  # fp32 for the scheduler, also under autocast
+        else:
+            p_both = torch.cat([p_null, p_cond])  # (2n, d)
+
+            def denoise(x, t):
+                pred_null, pred_cond = self.net.denoise(torch.cat([x, x]), torch.cat([t, t]), p_both).float().chunk(2)
+                return pred_null + guidance * (pred_cond - pred_null)
+        return denoise
 
     def generate(self, base: str, prompt: str, seed: int = 0, steps: int = 60, guidance: float = 1.0,
                  sampler: str = "ddim", eta: float = 0.0, rank: int | None = None,
@@ -277,9 +323,10 @@ class Generator:
                         near["similarity"], near["task"])
         gi = self.layout_for(base, rank)
         c_model = self.model_condition(base, gi, base_model)
-        tokens = self.sample_tokens(gi, c_model, prompt, seed, steps, guidance, sampler, eta)
         tok = self.tokenizers[gi]
-        state = tok.decode(tokens)
+        state = {}  # decoded chunk by chunk as the tokens are sampled: no (N, D) buffer
+        for start, tokens in self.sample_token_chunks(gi, c_model, prompt, seed, steps, guidance, sampler, eta):
+            tok.decode_rows(tokens, start, state)
         spec = with_base(tok.spec, base_id(base))
         validate_adapter(spec, state, base_model)
         return spec, state
@@ -394,6 +441,42 @@ def list_generators(root: str | Path | None = None) -> list[dict]:
     return rows
 
 
+# -----------------------------------------------------------------------------
+# Base fingerprints, cached: a command-line `oral generate` then neither loads nor hashes a known base
+
+FINGERPRINTS = "fingerprints.json"  # {key of the base's weight files: weights_fingerprint}, under $ORAL_HOME/cache
+
+
+def base_fingerprint(base: str, model: torch.nn.Module | None = None) -> str | None:
+    """`weights_fingerprint` of `base` as `load_base` loads it (fp32): from the cache when the base is a
+    local dir whose files (names, sizes, mtimes) are unchanged since it was computed, else computed from
+    `model` and cached; None when it is not cached and no model is given."""
+    path = Path(resolve(base))
+    key = None
+    if path.is_dir():  # a hub id has no local files to key on: computed every time
+        files = sorted((p.name, p.stat().st_size, p.stat().st_mtime_ns) for p in path.iterdir()
+                       if p.is_file() and p.suffix in (".safetensors", ".bin", ".json"))
+        key = json.dumps([str(path.resolve()), "float32", files])
+    cache_path = oral_home() / "cache" / FINGERPRINTS
+    cached = _read_fingerprints(cache_path)
+    if key in cached:
+        return cached[key]
+    if model is None:
+        return None
+    fingerprint = weights_fingerprint(model)
+    if key is not None:
+        with file_lock(cache_path.with_suffix(".lock")):
+            atomic_write_json(cache_path, {**_read_fingerprints(cache_path), key: fingerprint})
+    return fingerprint
+
+
+def _read_fingerprints(path: Path) -> dict:
+    try:
+        return read_json(path, "") if path.is_file() else {}
+    except ValueError:  # a damaged cache is rebuilt
+        return {}
+
+
 def generate_adapters(
     generator: str | Path | Generator | None,
     base: str,
@@ -415,9 +498,15 @@ def generate_adapters(
         raise GenerationError(f"num must be >= 1, got {num}")
     gen = generator if isinstance(generator, Generator) else Generator.from_pretrained(generator, device=device)
     out = Path(out)
-    gen.layout_for(base, rank)  # a base the generator does not know fails before its weights load
-    base_model = load_base(base)[0]  # once: every adapter is checked against it; its fingerprint is recorded
-    fingerprint = weights_fingerprint(base_model)
+    group = gen.layout_for(base, rank)  # a base the generator does not know fails before its weights load
+    # The base's weights load only when needed: to fingerprint it for the provenance (once, then cached) or to
+    # condition on a base the generator was not trained on. layout_for has checked the adapters' modules and
+    # shapes against the base's config.
+    fingerprint = base_fingerprint(base)
+    base_model = None
+    if fingerprint is None or gen.needs_base_weights(base, group):
+        base_model = load_base(base)[0]
+        fingerprint = base_fingerprint(base, base_model)
     written = []
     for i in range(num):
         s = seed + i

@@ -196,17 +196,30 @@ class WeightTokenizer:
         if tuple(tokens.shape) != (self.num_tokens, self.token_size):
             raise ValueError(f"tokens have shape {tuple(tokens.shape)}; this tokenizer makes "
                              f"{(self.num_tokens, self.token_size)}")
-        flat = tokens.detach().contiguous().view(-1)  # (N*D,)
-        D = self.token_size
-        state = {}
+        state = self.decode_rows(tokens, 0, {})
+        if dtype != torch.float32:
+            for key in state:
+                state[key] = state[key].to(dtype)
+        return state
+
+    def decode_rows(self, tokens: torch.Tensor, start: int, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Decode token rows start .. start+n (tokens (n, D)) into the parts of the tensors of `state` they
+        hold, allocating a tensor (float32) at its first row: an adapter is decoded while its tokens are
+        still being sampled, with no (N, D) buffer. Rows given in order, all of them once, make `decode`."""
+        D, n = self.token_size, tokens.shape[0]
+        flat = tokens.detach().contiguous().view(-1)  # (n*D,)
         for i, slot in enumerate(self.layout):
-            t = torch.empty(slot.shape, dtype=torch.float32)
-            start = slot.row * D
-            t.view(-1).copy_(flat[start : start + slot.numel])
-            t.mul_(self.scale[i])
+            lo, hi = max(slot.row, start), min(slot.row + slot.num_rows, start + n)  # its rows in this chunk
+            if lo >= hi:
+                continue
+            if slot.key not in state:
+                state[slot.key] = torch.empty(slot.shape, dtype=torch.float32)
+            a, b = (lo - slot.row) * D, min((hi - slot.row) * D, slot.numel)  # its values in this chunk
+            dst = state[slot.key].view(-1)[a:b]
+            dst.copy_(flat[(lo - start) * D : (lo - start) * D + b - a])
+            dst.mul_(self.scale[i])
             if self.center:
-                t.add_(self.mean[i])
-            state[slot.key] = t if dtype == torch.float32 else t.to(dtype)
+                dst.add_(self.mean[i])
         return state
 
     # --- persistence ------------------------------------------------------------------

@@ -23,6 +23,7 @@ COMMANDS = [
     "generate",
     "generators",
     "compare",
+    "bench",
     "serve",
 ]
 
