@@ -61,14 +61,14 @@ def fit(xs: list[float], ys: list[float]) -> tuple[float, float]:
 
 
 def table(rows: list[dict]) -> str:
-    lines = ["| size | params | preset | tokens x D | steps | wall s | cpu s | us/param | peak extra MiB | adapter MiB | load | command |",
+    lines = ["| size | params | preset | tokens x D | steps | wall s | cpu s | cpu us/param | peak extra MiB | adapter MiB | load | command |",
              "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         flags = " bf16" if r.get("autocast") else ""
         lines.append(
             f"| {r['spec']} r={r['rank']} {r['targets'] if isinstance(r['targets'], str) else ','.join(r['targets'])} "
             f"| {r['params'] / 1e6:.2f}M | {r['preset']}{flags} | {r['tokens']:,} x {r['token_size']} | {r['steps']} "
-            f"| {r['wall_s']:.1f} | {r['cpu_s']:.1f} | {r['us_per_param']:.2f} | {r['peak_extra_mb']:.0f} "
+            f"| {r['wall_s']:.1f} | {r['cpu_s']:.1f} | {r['cpu_s'] / r['params'] * 1e6:.2f} | {r['peak_extra_mb']:.0f} "
             f"| {r['adapter_mb']:.1f} | {r['load_before']:.1f} | `{r['command']}` |")
     return "\n".join(lines)
 

@@ -2,6 +2,8 @@
 
 
 def add_parser(sub) -> None:
+    from oral.cli import HelpFormatter
+
     p = sub.add_parser(
         "bench",
         help="benchmark making one adapter end to end at a given LoRA size",
@@ -14,7 +16,7 @@ def add_parser(sub) -> None:
         ),
     )
     bench = p.add_subparsers(dest="bench", required=True)
-    g = bench.add_parser("generate", help="time one adapter made end to end")
+    g = bench.add_parser("generate", help="time one adapter made end to end", formatter_class=HelpFormatter)
     g.add_argument("--spec", default="smollm2-135m", help="model config: shipped name, CONFIG.json, embedded name or dir")
     g.add_argument("--targets", default="q_proj,v_proj", help="comma-separated module names, or all-linear")
     g.add_argument("--rank", type=int, default=4, help="LoRA rank")
@@ -46,6 +48,6 @@ def run(args) -> int:
         return 0
     print(f"{r['spec']} r={r['rank']} {r['targets']}: {r['params']:,} params, {r['tokens']:,} tokens x {r['token_size']}, "
           f"preset {r['preset']} ({r['generator_params']:,} params)")
-    print(f"{r['steps']} {r['sampler']} steps: {r['wall_s']:.2f} s ({r['us_per_param']:.2f} us/param), peak RSS "
+    print(f"{r['steps']} {r['sampler']} steps: {r['wall_s']:.2f} s ({r['us_per_param']:.2f} us/param; CPU {r['cpu_s']:.2f} s), peak RSS "
           f"{r['peak_rss_mb']:.0f} MiB (+{r['peak_extra_mb']:.0f} over the loaded generator), adapter {r['adapter_mb']:.1f} MiB")
     return 0
