@@ -126,6 +126,7 @@ def run(args) -> int:
     from oral.config import load_config
     from oral.grid import GridBlock, ZooConfig, run_grid
     from oral.zoo import ZooError
+    from oral.paths import expand_path
 
     if args.summary:
         if not args.out:
@@ -154,6 +155,6 @@ def run(args) -> int:
     counts = run_grid(cfg, skip_missing=args.skip_missing)
     waiting = f", {counts['waiting']} waiting for evolved versions" if counts["waiting"] else ""
     busy = f", {counts['busy']} left to another process" if counts["busy"] else ""
-    print(f"zoo {cfg.out}: {counts['trained']} runs trained, {counts['skipped']} already done{busy} "
+    print(f"zoo {expand_path(cfg.out)}: {counts['trained']} runs trained, {counts['skipped']} already done{busy} "
           f"(of {counts['runs']} for this process){waiting} in {time.time() - t0:.1f} s")
     return 0
