@@ -214,3 +214,35 @@ def test_a_generator_of_another_format_version_is_refused_with_the_fix(gen_dir, 
         (copy / "config.json").write_text(json.dumps({**config, "format_version": version}))
         with pytest.raises(GenerationError, match=f"format version {version}.*{fix}"):
             Generator.from_pretrained(copy, device="cpu")
+
+
+def test_a_drift_fingerprint_generator_tells_a_new_version_from_its_training_base(zoo, tmp_path, tiny):
+    """Trained with c_model = what changed from the family's root: a drifted copy of the base gets another
+    c_model (the root maps to zeros) and, from the same seed and prompt, another adapter."""
+    import copy
+
+    from oral.config import load_config
+    from oral.generate import Generator
+    from oral.train import GeneratorTrainConfig, train_generator
+
+    cfg = load_config(GeneratorTrainConfig, None, ["preset=tiny", "steps=20", "save_every=20", "device=cpu",
+                                                   "conditions.fingerprint_kind=drift",
+                                                   "conditions.fingerprint_reference=tiny-llama"])
+    train_generator([zoo], tmp_path / "g", cfg)
+    gen = Generator.from_pretrained(tmp_path / "g", device="cpu")
+    assert gen.config["conditions"]["fingerprint_kind"] == "drift"
+    model, tok = tiny
+    newer = copy.deepcopy(model)
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for name, p in newer.named_parameters():
+            p.add_(0.01 * p.norm() * torch.randn(p.shape, generator=g) / p.numel() ** 0.5)
+    newer.save_pretrained(tmp_path / "t1")
+    tok.save_pretrained(tmp_path / "t1")
+    c0 = gen.model_condition("tiny-llama", 0)
+    c1 = gen.model_condition(str(tmp_path / "t1"), 0)
+    fp = gen.conditions.config.fingerprint_dim
+    assert torch.count_nonzero(c0[-fp:]) == 0 and (c1 - c0).norm() > 0.5
+    s0 = gen.generate("tiny-llama", "spam filter", seed=0, steps=5)[1]
+    s1 = gen.generate(str(tmp_path / "t1"), "spam filter", seed=0, steps=5)[1]
+    assert any(not torch.equal(s0[k], s1[k]) for k in s0)

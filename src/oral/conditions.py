@@ -6,6 +6,15 @@
                weight fingerprint of the base's targeted W0]       (ours: evolved versions share
                                                                     one architecture, so one string)
 
+Two fingerprints (`ConditionConfig.fingerprint_kind`):
+- "sketch": fixed random sketches of each W0 / |W0|, pooled over modules. It describes the weights
+  themselves, so a version of the same family moves it by about its own relative change (1e-4 for
+  one link of continued pretraining): versions of one family look the same.
+- "drift": what changed from a reference base of the family (`fingerprint_reference`, its root), in
+  percent of the reference's norm: the relative change of every module averaged and maxed in depth
+  bins, plus pooled sketches of the change W0 - W_ref. The reference itself maps to 0 and every
+  link moves it by O(1): the versions become separable (docs/RESULTS.md, "c_model sees the version").
+
 This module turns bases and prompts into fixed feature vectors. The learned projection of
 [c_model ; c_text], and the null text condition used for classifier-free guidance, live in the
 network (`oral.generator`).
@@ -19,6 +28,8 @@ from dataclasses import dataclass
 
 import torch
 from transformers import PretrainedConfig
+
+from oral.models import load_base
 
 log = logging.getLogger(__name__)
 
@@ -36,10 +47,23 @@ class ConditionConfig:
     fingerprint: bool = True  # c_model includes the weight fingerprint of the base
     fingerprint_probes: int = 8  # k: each targeted W0 is sketched to a k x k matrix
     fingerprint_seed: int = 0  # seed of the fixed random probes
+    fingerprint_kind: str = "sketch"  # "sketch" (of W0 itself) or "drift" (of W0 - W_ref, see above)
+    fingerprint_reference: str = ""  # drift: the family's reference base (embedded name, dir or hub id)
+    fingerprint_bins: int = 8  # drift: depth bins of the per-module relative change
+
+    def __post_init__(self) -> None:
+        if self.fingerprint_kind not in ("sketch", "drift"):
+            raise ConditionError(f"fingerprint_kind must be 'sketch' or 'drift', got {self.fingerprint_kind!r}")
+        if self.fingerprint and self.fingerprint_kind == "drift" and not self.fingerprint_reference:
+            raise ConditionError("fingerprint_kind 'drift' measures the change from a reference base: set "
+                                 "conditions.fingerprint_reference to the family's root (e.g. smollm2-135m)")
 
     @property
     def fingerprint_dim(self) -> int:
-        return 2 * self.fingerprint_probes**2 + 2 if self.fingerprint else 0
+        if not self.fingerprint:
+            return 0
+        drift = 2 * self.fingerprint_bins if self.fingerprint_kind == "drift" else 0
+        return 2 * self.fingerprint_probes**2 + 2 + drift
 
 
 # -----------------------------------------------------------------------------
@@ -164,6 +188,46 @@ def weight_fingerprint(model: torch.nn.Module, module_names: list[str], probes: 
     return torch.cat([s.mean(0).flatten(), s.pow(2).mean(0).sqrt().flatten(), ln.mean()[None], std[None]])
 
 
+@torch.no_grad()
+def drift_fingerprint(model: torch.nn.Module, reference: dict[str, torch.Tensor], module_names: list[str],
+                      probes: int = 8, seed: int = 0, bins: int = 8) -> torch.Tensor:
+    """What changed from the reference weights, in percent of the reference -> (2 bins + 2 k^2 + 2,).
+
+    Per module: D = W0 - W_ref, its relative change r = 100 |D|_F / |W_ref|_F, and the sketch
+    S = 100 P_out^T (D / |W_ref|_F) P_in (scaled as in `weight_fingerprint`). Features: the mean and the
+    max of r over the modules of each of `bins` depth bins (by layer index), the mean and root-mean-square
+    of S over modules, and the mean and standard deviation of r. The reference itself gives all zeros.
+    """
+    rel, sketches, layers = [], [], []
+    for name in module_names:
+        try:
+            w = model.get_submodule(name).weight.detach().float().cpu()  # (out, in)
+        except AttributeError:
+            raise ConditionError(f"the base model has no module {name!r}; the fingerprint needs the modules the "
+                                 f"LoRA spec targets") from None
+        ref = reference[name]
+        if ref.shape != w.shape:
+            raise ConditionError(f"{name} has shape {tuple(w.shape)} in the base but {tuple(ref.shape)} in the "
+                                 f"fingerprint's reference: the drift fingerprint compares versions of one family")
+        d = (w - ref) / ref.norm().clamp_min(1e-12)
+        rel.append(100 * d.norm())
+        s = _probes(w.shape[0], probes, seed).T @ d @ _probes(w.shape[1], probes, seed + 1)
+        sketches.append(100 * s * (w.shape[0] * w.shape[1]) ** 0.25)
+        digits = [int(p) for p in name.split(".") if p.isdigit()]
+        layers.append(digits[0] if digits else 0)
+    r = torch.stack(rel)  # (M,)
+    depth = torch.tensor(layers, dtype=torch.float32)
+    lo, hi = depth.min(), depth.max()
+    bin_of = ((depth - lo) / (hi - lo).clamp_min(1) * bins).long().clamp(max=bins - 1)  # (M,)
+    per_bin = []
+    for b in range(bins):
+        rb = r[bin_of == b]
+        per_bin += [rb.mean(), rb.max()] if len(rb) else [torch.zeros(()), torch.zeros(())]
+    s = torch.stack(sketches)  # (M, k, k)
+    std = r.std(unbiased=False) if len(r) > 1 else torch.zeros(())
+    return torch.cat([torch.stack(per_bin), s.mean(0).flatten(), s.pow(2).mean(0).sqrt().flatten(), r.mean()[None], std[None]])
+
+
 # -----------------------------------------------------------------------------
 # Putting them together
 
@@ -174,6 +238,21 @@ class ConditionEncoder:
     def __init__(self, config: ConditionConfig, device: str | torch.device = "cpu"):
         self.config = config
         self.text = get_text_encoder(config.text_encoder, device)
+        self._reference: dict[str, torch.Tensor] = {}  # drift: the reference base's targeted weights, by module
+
+    def reference_weights(self, module_names: list[str]) -> dict[str, torch.Tensor]:
+        """The drift fingerprint's reference weights of `module_names`, loaded once."""
+        missing = [n for n in module_names if n not in self._reference]
+        if missing:
+            ref = load_base(self.config.fingerprint_reference)[0]
+            for n in missing:
+                try:
+                    self._reference[n] = ref.get_submodule(n).weight.detach().float().cpu().clone()
+                except AttributeError:
+                    raise ConditionError(f"the fingerprint's reference {self.config.fingerprint_reference!r} has no "
+                                         f"module {n!r}: it must be the family's root, of the adapters' architecture") from None
+            del ref
+        return {n: self._reference[n] for n in module_names}
 
     @property
     def text_dim(self) -> int:
@@ -191,7 +270,12 @@ class ConditionEncoder:
         if self.config.fingerprint:
             if model is None:
                 raise ConditionError("the weight fingerprint is on, so the base model's weights must be given")
-            parts.append(weight_fingerprint(model, module_names, self.config.fingerprint_probes, self.config.fingerprint_seed))
+            c = self.config
+            if c.fingerprint_kind == "drift":
+                parts.append(drift_fingerprint(model, self.reference_weights(module_names), module_names,
+                                               c.fingerprint_probes, c.fingerprint_seed, c.fingerprint_bins))
+            else:
+                parts.append(weight_fingerprint(model, module_names, c.fingerprint_probes, c.fingerprint_seed))
         return torch.cat(parts) if parts else torch.zeros(0)
 
     def text_condition(self, prompts: list[str]) -> torch.Tensor:

@@ -21,20 +21,17 @@ the bundled generator is this one (scripts/build_generator.sh). Scores are cache
 
 from __future__ import annotations
 
-import hashlib
-import json
 import logging
 import re
 import time
 from pathlib import Path
 from typing import Any
 
-from oral.evaluate import Evaluator
+from oral.evaluate import Evaluator, ScoreCache
 from oral.finetune import FinetuneConfig
 from oral.generate import Generator, generate_adapters
 from oral.grid import GridBlock, ZooConfig, run_grid
-from oral.io import atomic_write_json, read_json
-from oral.lora import load_adapter
+from oral.lora import adapter_digest, load_adapter
 from oral.models import load_base
 from oral.paths import oral_home
 from oral.tasks import get_task
@@ -91,32 +88,6 @@ def build_from_scratch(base: str = "smollm2-135m") -> Path:
 # Scores, cached by what they depend on
 
 
-def _adapter_digest(path: Path) -> str:
-    """A hash of the adapter's tensors (not of its file, whose metadata holds a creation time)."""
-    _, state = load_adapter(path)
-    h = hashlib.sha256()
-    for k in sorted(state):
-        h.update(k.encode())
-        h.update(state[k].contiguous().numpy().tobytes())
-    return h.hexdigest()[:16]
-
-
-class ScoreCache:
-    """(adapter digest or "base", task, split, limit, instruction) -> score, in one JSON file."""
-
-    def __init__(self, path: Path):
-        self.path = path
-        self.scores: dict[str, dict] = read_json(path, f"delete {path}; scores are measured again") \
-            if path.is_file() else {}
-
-    def get(self, key: dict, measure) -> dict:
-        k = json.dumps(key, sort_keys=True)
-        if k not in self.scores:
-            self.scores[k] = measure()
-            atomic_write_json(self.path, self.scores)
-        return self.scores[k]
-
-
 # -----------------------------------------------------------------------------
 # The demo
 
@@ -161,7 +132,7 @@ def run_demo(prompt: str | None = None, task: str | None = None, generator: str 
     t = time.time()
     cache = ScoreCache(demo_home() / "scores.json")
     ev = Evaluator(model, tok, progress=True)
-    digest = _adapter_digest(adapter)
+    digest = adapter_digest(load_adapter(adapter)[1])
     rows = []
     methods = [("base", None, the_task), ("base + prompt in context", None, the_task.prefixed(prompt)),
                ("base + generated adapter", adapter, the_task)]

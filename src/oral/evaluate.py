@@ -11,14 +11,16 @@ adapters are evaluated without reloading the base.
 """
 
 import inspect
+import json
 import logging
 import math
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
+from oral.io import atomic_write_json, read_json
 from oral.lora import load_adapter
 from oral.models import load_base
 from oral.progress import progress_bar
@@ -284,3 +286,23 @@ class Evaluator:
             log.warning("task loss on %s is not finite", task.name)
         return loss
 
+
+
+class ScoreCache:
+    """Scores kept in one JSON file, keyed by what determines them (adapter digest or None for the bare
+    base, base, task, split, limit, instruction ...): `get(key, measure)` measures only what is new."""
+
+    def __init__(self, path: Path):
+        self.path = Path(path)
+        self.scores: dict[str, dict] = read_json(self.path, f"delete {self.path}; scores are measured again") \
+            if self.path.is_file() else {}
+
+    def __contains__(self, key: dict) -> bool:
+        return json.dumps(key, sort_keys=True) in self.scores
+
+    def get(self, key: dict, measure: Callable[[], dict]) -> dict:
+        k = json.dumps(key, sort_keys=True)
+        if k not in self.scores:
+            self.scores[k] = measure()
+            atomic_write_json(self.path, self.scores)
+        return self.scores[k]

@@ -107,3 +107,19 @@ def module_norms(spec: LoraSpec, state: Mapping[str, torch.Tensor]) -> list[dict
             "norm_delta": math.sqrt(sq) * m.scaling(spec.use_rslora),
         })
     return rows
+
+
+def update_distance(spec: LoraSpec, a: Mapping[str, torch.Tensor], b: Mapping[str, torch.Tensor]) -> dict[str, float]:
+    """How far adapter a's update is from adapter b's, module by module, never forming an (out, in) matrix:
+    {"cosine": mean over modules of cos(dW_a, dW_b), "rel_l2": mean over modules of |dW_a - dW_b| / |dW_b|}.
+    Both adapters must have `spec`'s layout (ranks may differ per adapter only through their tensors)."""
+    cos, rel = [], []
+    for m in spec.modules:
+        Aa, Ba, Ab, Bb = (t.double() for t in (a[m.key_A], a[m.key_B], b[m.key_A], b[m.key_B]))
+        # <Ba Aa, Bb Ab>_F = trace((Bb^T Ba)(Aa Ab^T)): r x r products only
+        ab = torch.trace((Bb.T @ Ba) @ (Aa @ Ab.T)).item()
+        aa = torch.trace((Ba.T @ Ba) @ (Aa @ Aa.T)).clamp_min(0).item()
+        bb = torch.trace((Bb.T @ Bb) @ (Ab @ Ab.T)).clamp_min(0).item()
+        cos.append(ab / math.sqrt(aa * bb) if aa > 0 and bb > 0 else 0.0)
+        rel.append(math.sqrt(max(aa + bb - 2 * ab, 0.0) / bb) if bb > 0 else math.inf)
+    return {"cosine": sum(cos) / len(cos), "rel_l2": sum(rel) / len(rel)}

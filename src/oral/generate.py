@@ -148,7 +148,7 @@ class Generator:
         # 0.6% relative error per call, its effect on accuracy not measured). None: fp32 throughout.
         self.autocast: torch.dtype | None = None
         cond = config["conditions"]
-        self.conditions = ConditionEncoder(ConditionConfig(**{k: cond[k] for k in ConditionConfig.__dataclass_fields__}))
+        self.conditions = ConditionEncoder(ConditionConfig(**{k: cond[k] for k in ConditionConfig.__dataclass_fields__ if k in cond}))
         self.diffusion = Diffusion(DiffusionConfig(**config["train"]["diffusion"]))
 
     def __repr__(self) -> str:
@@ -306,11 +306,12 @@ class Generator:
 
     def generate(self, base: str, prompt: str, seed: int = 0, steps: int = 60, guidance: float = 1.0,
                  sampler: str = "ddim", eta: float = 0.0, rank: int | None = None,
-                 base_model: torch.nn.Module | None = None) -> tuple:
+                 base_model: torch.nn.Module | None = None, c_model: torch.Tensor | None = None) -> tuple:
         """(base, prompt) -> (spec, state): a LoRA adapter for `base` as a PEFT-keyed state dict.
 
         base: an embedded name, local dir or hub id (its architecture must be one the generator
-        learned). base_model: the loaded base, to skip loading it for the fingerprint.
+        learned). base_model: the loaded base, to skip loading it for the fingerprint. c_model: a
+        model condition to use instead of the base's own (the ablations of `oral experiment`).
         """
         if not prompt or not prompt.strip():
             raise GenerationError("the prompt is empty: describe the task the adapter should do")
@@ -322,7 +323,8 @@ class Generator:
                         ", ".join(self.config["conditions"]["tasks"]), near["description"], near["task"],
                         near["similarity"], near["task"])
         gi = self.layout_for(base, rank)
-        c_model = self.model_condition(base, gi, base_model)
+        if c_model is None:
+            c_model = self.model_condition(base, gi, base_model)
         tok = self.tokenizers[gi]
         state = {}  # decoded chunk by chunk as the tokens are sampled: no (N, D) buffer
         for start, tokens in self.sample_token_chunks(gi, c_model, prompt, seed, steps, guidance, sampler, eta):

@@ -15,6 +15,7 @@ card in the Hugging Face convention (YAML header: base_model, library_name, tags
 how to load it, measured scores).
 """
 
+import hashlib
 import json
 import math
 import re
@@ -581,6 +582,16 @@ def save_adapter(
             atomic_write_json(tmp / PROVENANCE_NAME, provenance)
         atomic_write_text(tmp / CARD_NAME, model_card(path, spec, provenance, dated_scores(scores), oral_base))
     return path
+
+
+def adapter_digest(state: Mapping[str, torch.Tensor]) -> str:
+    """A short hash of an adapter's tensors (names and fp32 values), not of its files, whose metadata
+    holds a creation time: equal adapters have equal digests wherever they were written."""
+    h = hashlib.sha256()
+    for k in sorted(state):
+        h.update(k.encode())
+        h.update(state[k].detach().float().cpu().contiguous().numpy().tobytes())
+    return h.hexdigest()[:16]
 
 
 def with_base(spec: LoraSpec, base_model_name_or_path: str | None) -> LoraSpec:

@@ -23,6 +23,7 @@ COMMANDS = [
     "generate",
     "generators",
     "compare",
+    "experiment",
     "bench",
     "serve",
 ]
@@ -50,7 +51,15 @@ class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    # argparse fills a positional list once: words after an option (`NAME --config F key=value`) come back
+    # as extras; a command that takes them names its list in `extra_words`
+    dest = getattr(args, "extra_words", None)
+    if extra and (dest is None or any(e.startswith("-") for e in extra)):
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    if extra:
+        getattr(args, dest).extend(extra)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(message)s")
     try:
         return args.func(args)

@@ -1,0 +1,34 @@
+"""oral experiment: one named experiment (configs/exp-NAME.yaml), cached, written in the long format."""
+
+
+def add_parser(sub) -> None:
+    p = sub.add_parser(
+        "experiment",
+        help="run a named experiment: every method on every (base version, task), cached",
+        description=(
+            "oral experiment NAME --config configs/exp-NAME.yaml [key=value ...]. Writes "
+            "OUT/exp-NAME.json (one row per method, version, task, description and seed), exp-NAME.md and "
+            "exp-NAME.png. Generated adapters and scores are cached: a rerun measures only what is new."
+        ),
+    )
+    p.add_argument("words", nargs="+", metavar="NAME [key=value ...]",
+                   help="the experiment's name (its files are exp-NAME.*), then config overrides (e.g. limit=50 seeds=[0])")
+    p.add_argument("--config", help="experiment config YAML (configs/exp-*.yaml)")
+    p.set_defaults(func=run, extra_words="words")
+
+
+def run(args) -> int:
+    from oral.config import load_config
+    from oral.experiments.runner import ExperimentConfig, format_table, run_experiment
+    from oral.paths import expand_path
+
+    name, *overrides = args.words
+    if "=" in name:
+        raise ValueError(f"the first word must be the experiment's name, not the override {name!r}: "
+                         f"oral experiment NAME --config configs/exp-NAME.yaml [key=value ...]")
+    cfg = load_config(ExperimentConfig, args.config, overrides)
+    result = run_experiment(name, cfg)
+    print(format_table(result))
+    out = expand_path(cfg.out)
+    print(f"{len(result['rows'])} rows in {result['wall_s']:.0f} s; written {out}/exp-{name}.json, .md, .png")
+    return 0

@@ -1,0 +1,382 @@
+"""`oral experiment NAME --config configs/exp-NAME.yaml [key=value ...]`: every method on every (version, task).
+
+For each base version asked for (t0 = the family's root, tk = k evolved links, read from the zoo's
+lineage) and each task, each method of `oral.experiments.methods` gives its candidates: one per
+held-out description x sampling seed for generated adapters, one per description for in-prompt
+and nearest, one otherwise. Each is scored on the same first `limit` examples of `split`.
+Anything chosen (the guidance of generated-cfg, the version of stale-best) is chosen on the
+validation split. With `distances`, every generated adapter (and the oracle) also gets its
+distance to the nearest adapter of the generator's training zoo (the memorization check).
+
+Resumable: generated adapters are written as PEFT dirs under CACHE/adapters/<key hash> and every
+score is kept in CACHE/scores.json by (base, adapter digest, task, split, limit, instruction), so
+a rerun, or an added method, costs only what is new.
+
+Output, one long format for every experiment: OUT/exp-NAME.json
+    {"experiment", "config", "versions": {version: base}, "training": {...}, "rows": [{"base", "version",
+     "task", "method", "description", "seed", "split", "metric", "value", "n", ...}], "wall_s", "created"}
+plus OUT/exp-NAME.md (mean +- sd per cell) and OUT/exp-NAME.png.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime as dt
+import hashlib
+import json
+import logging
+import statistics
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterator
+
+import torch
+
+from oral.evaluate import Evaluator, ScoreCache
+from oral.experiments.compare import ExperimentError
+from oral.experiments.methods import (
+    GENERATED,
+    METHODS,
+    Candidate,
+    ZooAdapters,
+    gibberish,
+    mean_adapter,
+    random_base_condition,
+    with_base_spec,
+    without_fingerprint,
+)
+from oral.gauge import update_distance
+from oral.generate import Generator
+from oral.io import atomic_write_bytes, atomic_write_json, atomic_write_text
+from oral.lora import adapter_digest, load_adapter, save_adapter
+from oral.models import base_id, load_base
+from oral.paths import expand_path, oral_home
+from oral.progress import progress_bar
+from oral.tasks import get_task
+from oral.zoo import Zoo
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class ExperimentConfig:
+    """What an experiment measures (configs/exp-*.yaml)."""
+
+    generator: str = ""  # trained generator dir; empty: the bundled one
+    zoo: str = "$ORAL_HOME/zoos/quick"  # the zoo the generator was trained on (oracle, stale, nearest, mean)
+    root: str = "smollm2-135m"  # the family's root base, t0
+    versions: list[int] = field(default_factory=lambda: [0])  # versions scored on (their bases come from the zoo)
+    tasks: list[str] = field(default_factory=list)  # empty: the generator's training tasks
+    methods: list[str] = field(default_factory=lambda: ["base", "oracle", "in-prompt", "nearest", "mean", "generated"])
+    rank: int = 4  # the zoo runs used: their rank ...
+    zoo_seed: int = 0  # ... and training seed
+    descriptions: int = 2  # held-out descriptions per task
+    seeds: list[int] = field(default_factory=lambda: [0, 1, 2])  # sampling seeds per description
+    split: str = "test"
+    limit: int = 200  # examples per task (all when fewer): the same examples for every method
+    val_limit: int = 100  # validation examples for the choices (stale-best, generated-cfg)
+    steps: int = 60  # DDIM steps
+    guidances: list[float] = field(default_factory=lambda: [1.0, 1.5, 2.0, 3.0])  # generated-cfg's candidates
+    distances: bool = False  # also the memorization distances of generated adapters and the oracle
+    scores: bool = True  # score candidates (off: distances only)
+    out: str = "docs/results"  # exp-NAME.{json,md,png} go here
+    cache: str = "$ORAL_HOME/experiments"  # generated adapters and scores
+
+
+def _mean_sd(values: list[float]) -> tuple[float, float]:
+    return statistics.fmean(values), (statistics.stdev(values) if len(values) > 1 else 0.0)
+
+
+class Experiment:
+    """One run of a named experiment; `run()` returns the result dict and writes the files."""
+
+    def __init__(self, name: str, cfg: ExperimentConfig):
+        unknown = sorted(set(cfg.methods) - set(METHODS))
+        if unknown:
+            raise ExperimentError(f"unknown method(s) {unknown}; the methods are {', '.join(METHODS)}")
+        if not 1 <= cfg.descriptions <= 2:
+            raise ExperimentError(f"descriptions must be 1 or 2 (each task has two held-out ones), got {cfg.descriptions}")
+        self.name, self.cfg = name, cfg
+        self.cache_dir = Path(expand_path(cfg.cache)) if cfg.cache else oral_home() / "experiments"
+        self.scores = ScoreCache(self.cache_dir / "scores.json")
+        self.gen = Generator.from_pretrained(cfg.generator or None)
+        self.gen_id = self._generator_id()
+        zoo = Zoo(cfg.zoo)
+        if not zoo.manifest.is_file():
+            raise ExperimentError(f"{zoo.root} is not a zoo (no manifest); build it with the command in its config, "
+                                  f"e.g. `oral zoo --config configs/zoo-quick.yaml`")
+        self.zoo = ZooAdapters(zoo, cfg.root, cfg.rank, cfg.zoo_seed)
+        gen_bases = [b["id"] for b in self.gen.config["conditions"]["bases"]]
+        self.train_versions = sorted(v for v in (self.zoo.version_of(b) for b in gen_bases) if v is not None)
+        self.train_tasks = sorted(self.gen.config["conditions"]["tasks"])
+        if not self.train_versions:
+            raise ExperimentError(f"none of the generator's bases {gen_bases} is in the zoo {zoo.root}'s family of "
+                                  f"{cfg.root}; give the zoo the generator was trained on")
+        missing = [v for v in cfg.versions if v not in self.zoo.versions]
+        if missing:
+            raise ExperimentError(f"the zoo {zoo.root} has no runs on version(s) {missing} of {cfg.root} (it has "
+                                  f"{sorted(self.zoo.versions)}); build them with `oral zoo --config configs/zoo-full.yaml`")
+        self.tasks = cfg.tasks or self.train_tasks
+
+    def _generator_id(self) -> str:
+        h = hashlib.sha256((self.gen.path / "model.safetensors").read_bytes()).hexdigest()[:16]
+        return f"{self.gen.path.name}@{self.gen.config['step']}:{h}"
+
+    # --- candidates -------------------------------------------------------------
+
+    def candidates(self, version: int, task: str, ev: Evaluator, model: torch.nn.Module) -> Iterator[Candidate]:
+        cfg, base = self.cfg, self.zoo.versions[version]
+        the_task = get_task(task)
+        descriptions = the_task.heldout_descriptions[: cfg.descriptions]
+        unseen_version = version not in self.train_versions
+        for method in cfg.methods:
+            if method == "base":
+                yield Candidate(method)
+            elif method == "in-prompt":
+                for d in descriptions:
+                    yield Candidate(method, d, instruction=d)
+            elif method == "oracle":
+                if (found := self.zoo.final(version, task)) is not None:
+                    yield Candidate(method, spec=found[0], state=found[1])
+            elif method in ("stale-t0", "stale-newest") and unseen_version:
+                v = 0 if method == "stale-t0" else max(self.train_versions)
+                if (found := self.zoo.final(v, task)) is not None:
+                    yield Candidate(method, spec=with_base_spec(found[0], base), state=found[1], info={"from_version": v})
+            elif method == "stale-best" and unseen_version:
+                found = [(v, f) for v in self.train_versions if (f := self.zoo.final(v, task)) is not None]
+                if found:
+                    val = [self.score(base, f[0], f[1], task, "validation", cfg.val_limit, None, ev)["value"] for _, f in found]
+                    v, (spec, state) = found[max(range(len(found)), key=val.__getitem__)]
+                    yield Candidate(method, spec=with_base_spec(spec, base), state=state, info={"from_version": v})
+            elif method == "nearest":
+                for d in descriptions:
+                    yield self._nearest(base, d, model)
+            elif method == "mean":
+                found = [f for v in self.train_versions if task in self.train_tasks
+                         and (f := self.zoo.final(v, task)) is not None]
+                if found:
+                    spec, state = mean_adapter(found)
+                    yield Candidate(method, spec=with_base_spec(spec, base), state=state, info={"of": len(found)})
+            elif method == "generated":
+                yield from self._generated(method, base, descriptions, model)
+            elif method == "generated-cfg":
+                g = self._choose_guidance(base, task, descriptions[0], model, ev)
+                yield from self._generated(method, base, descriptions, model, guidance=g)
+            elif method == "random-text":
+                for d in descriptions:
+                    for s in cfg.seeds:
+                        yield self._generate(method, base, d, s, model, prompt=gibberish(d, s))
+            elif method == "random-model":
+                group = self.gen.layout_for(base, cfg.rank)
+                c = random_base_condition(self.gen, group, model)
+                yield from self._generated(method, base, descriptions, model, c_model=c)
+            elif method == "no-fingerprint":
+                group = self.gen.layout_for(base, cfg.rank)
+                c = without_fingerprint(self.gen, self.gen.model_condition(base, group, model))
+                if c is not None:
+                    yield from self._generated(method, base, descriptions, model, c_model=c)
+
+    def _nearest(self, base: str, description: str, model: torch.nn.Module) -> Candidate:
+        """Retrieval: the training version whose c_model is nearest the base's, then the training task
+        whose description is nearest the request's; its zoo adapter as is."""
+        group = self.gen.layout_for(base, self.cfg.rank)
+        c = self.gen.model_condition(base, group, model)
+        dist = {v: float((self.gen.model_condition(self.zoo.versions[v], group) - c).norm()) for v in self.train_versions}
+        version = min(dist, key=dist.get)
+        near = self.gen.nearest_descriptions(description, k=1)[0]
+        spec, state = self.zoo.final(version, near["task"])
+        return Candidate("nearest", description, spec=with_base_spec(spec, base), state=state,
+                         info={"from_version": version, "from_task": near["task"], "similarity": near["similarity"]})
+
+    def _generated(self, method: str, base: str, descriptions: list[str], model, guidance: float = 1.0,
+                   c_model: torch.Tensor | None = None) -> Iterator[Candidate]:
+        for d in descriptions:
+            for s in self.cfg.seeds:
+                yield self._generate(method, base, d, s, model, guidance=guidance, c_model=c_model)
+
+    def _generate(self, method: str, base: str, description: str, seed: int, model, prompt: str | None = None,
+                  guidance: float = 1.0, c_model: torch.Tensor | None = None) -> Candidate:
+        """A generated adapter, from the adapter cache when it was made before."""
+        prompt = prompt or description
+        key = {"generator": self.gen_id, "base": base_id(base), "prompt": prompt, "seed": seed, "steps": self.cfg.steps,
+               "guidance": guidance, "rank": self.cfg.rank,
+               "c_model": None if c_model is None else hashlib.sha256(c_model.numpy().tobytes()).hexdigest()[:16]}
+        path = self.cache_dir / "adapters" / hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:20]
+        if (path / "adapter_config.json").is_file():
+            spec, state = load_adapter(path)
+        else:
+            spec, state = self.gen.generate(base, prompt, seed=seed, steps=self.cfg.steps, guidance=guidance,
+                                            rank=self.cfg.rank, base_model=model, c_model=c_model)
+            save_adapter(path, spec, state, provenance={"source": "oral experiment", **key}, overwrite=True)
+        familiar = self.gen.familiarity(prompt)["familiar"]
+        return Candidate(method, description, seed, spec, state,
+                         info={"guidance": guidance, "familiar": familiar, "adapter": str(path)})
+
+    def _choose_guidance(self, base: str, task: str, description: str, model, ev: Evaluator) -> float:
+        """The guidance scale whose adapter (first description, first seed) scores best on validation."""
+        val = {}
+        for g in self.cfg.guidances:
+            c = self._generate("generated-cfg", base, description, self.cfg.seeds[0], model, guidance=g)
+            val[g] = self.score(base, c.spec, c.state, task, "validation", self.cfg.val_limit, None, ev)["value"]
+        return max(val, key=lambda g: (val[g], -g))  # ties: the smaller scale
+
+    # --- scoring ----------------------------------------------------------------
+
+    def score(self, base: str, spec, state, task: str, split: str, limit: int, instruction: str | None,
+              ev: Evaluator) -> dict:
+        key = {"base": base_id(base), "adapter": None if state is None else adapter_digest(state), "task": task,
+               "split": split, "limit": limit, "instruction": instruction}
+
+        def measure():
+            ev.set_adapter(state, spec=spec)
+            scored = get_task(task) if instruction is None else get_task(task).prefixed(instruction)
+            return ev.evaluate(scored, split=split, limit=limit)
+
+        return self.scores.get(key, measure)
+
+    def distance_rows(self, cand: Candidate, row: dict, version: int, task: str) -> list[dict]:
+        """Distances of the candidate's update to the nearest adapter of the generator's training zoo
+        (every kept checkpoint); the oracle's own run is left out of its pool."""
+        pool = self.zoo.checkpoints(set(self.train_versions), set(self.train_tasks))
+        if cand.method == "oracle":
+            own = self.zoo.runs.get((version, task))
+            pool = [p for p in pool if p[0]["run_id"] != own]
+        if not pool:
+            return []
+        dist = [(update_distance(cand.spec, cand.state, state), rec) for rec, _, state in pool]
+        best, rec = min(dist, key=lambda d: d[0]["rel_l2"])
+        near = {"nearest_run": rec["run_id"], "nearest_step": rec["step"], "nearest_task": rec["task"],
+                "nearest_version": len(rec.get("lineage") or [])}
+        return [{**row, "metric": "rel-l2-to-nearest", "value": best["rel_l2"], "n": len(pool), **near},
+                {**row, "metric": "cosine-to-nearest", "value": best["cosine"], "n": len(pool), **near}]
+
+    # --- the run ----------------------------------------------------------------
+
+    def run(self) -> dict[str, Any]:
+        cfg, t0 = self.cfg, time.time()
+        rows: list[dict] = []
+        quiet = logging.getLogger("oral.generate")
+        level = quiet.level
+        quiet.setLevel(logging.ERROR)  # the familiarity warning is recorded in each row instead
+        try:
+            for version in cfg.versions:
+                base = self.zoo.versions[version]
+                model, tok = load_base(base)
+                ev = Evaluator(model, tok, progress=False)
+                for task in progress_bar(self.tasks, desc=f"{self.name} t{version}"):
+                    for cand in self.candidates(version, task, ev, model):
+                        row = {"base": base_id(base), "version": version, "task": task, "method": cand.method,
+                               "description": cand.description, "seed": cand.seed, "split": cfg.split,
+                               **{k: v for k, v in cand.info.items() if k != "adapter"}}
+                        if cfg.scores:
+                            s = self.score(base, cand.spec, cand.state, task, cfg.split, cfg.limit, cand.instruction, ev)
+                            rows.append({**row, "metric": s["metric"], "value": s["value"], "n": s["n"]})
+                        if cfg.distances and cand.state is not None and (cand.method in GENERATED or cand.method == "oracle"):
+                            rows.extend(self.distance_rows(cand, row, version, task))
+                del ev, model
+        finally:
+            quiet.setLevel(level)
+        result = {
+            "experiment": self.name,
+            "config": dataclasses.asdict(cfg),
+            "versions": {str(v): self.zoo.versions[v] for v in cfg.versions},
+            "training": {"generator": self.gen_id, "versions": self.train_versions, "tasks": self.train_tasks,
+                         "zoo": str(self.zoo.zoo.root)},
+            "rows": rows,
+            "wall_s": round(time.time() - t0, 1),
+            "created": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+        }
+        self.write(result)
+        return result
+
+    def write(self, result: dict) -> None:
+        out = Path(expand_path(self.cfg.out))
+        atomic_write_json(out / f"exp-{self.name}.json", result)
+        atomic_write_text(out / f"exp-{self.name}.md", format_table(result))
+        png = plot(result)
+        if png is not None:
+            atomic_write_bytes(out / f"exp-{self.name}.png", png)
+
+
+# -----------------------------------------------------------------------------
+# Tables and plots from the long format
+
+
+def cells(rows: list[dict], metric: str | None = None) -> dict[tuple[int, str], dict[str, list[float]]]:
+    """(version, task) -> method -> values (one per description x seed) of `metric` (default: the task metric)."""
+    out: dict[tuple[int, str], dict[str, list[float]]] = {}
+    for r in rows:
+        if (metric is None and r["metric"] in ("rel-l2-to-nearest", "cosine-to-nearest")) or (metric and r["metric"] != metric):
+            continue
+        out.setdefault((r["version"], r["task"]), {}).setdefault(r["method"], []).append(r["value"])
+    return out
+
+
+def format_table(result: dict, metric: str | None = None) -> str:
+    """Markdown: one line per (version, task), one column per method, mean +- sd (samples)."""
+    methods = [m for m in result["config"]["methods"] if any(r["method"] == m for r in result["rows"])]
+    lines = []
+    for title, m in ([("scores", None)] if result["config"].get("scores", True) else []) + \
+            ([("distance to the nearest training adapter (relative L2 of dW)", "rel-l2-to-nearest"),
+              ("cosine to the nearest training adapter", "cosine-to-nearest")] if result["config"].get("distances") else []):
+        table = cells(result["rows"], m)
+        cols = [x for x in methods if any(x in c for c in table.values())]
+        if not cols:
+            continue
+        lines += [f"### exp-{result['experiment']}: {title}", "", "| version | task | " + " | ".join(cols) + " |",
+                  "|---|---|" + "---|" * len(cols)]
+        for (v, task), by_method in sorted(table.items()):
+            row = []
+            for c in cols:
+                vals = by_method.get(c)
+                if not vals:
+                    row.append("-")
+                else:
+                    mean, sd = _mean_sd(vals)
+                    row.append(f"{mean:.3f}" + (f" +- {sd:.3f} ({len(vals)})" if len(vals) > 1 else ""))
+            lines.append(f"| t{v} | {task} | " + " | ".join(row) + " |")
+        lines.append("")
+    return "\n".join(lines)
+
+
+def plot(result: dict) -> bytes | None:
+    """A grouped bar chart (mean with sd) per (version, task) and method, as PNG bytes; None without rows."""
+    import io
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    metric = None if result["config"].get("scores", True) else "rel-l2-to-nearest"
+    table = cells(result["rows"], metric)
+    if not table:
+        return None
+    methods = [m for m in result["config"]["methods"] if any(m in c for c in table.values())]
+    keys = sorted(table)
+    width = 0.8 / max(len(methods), 1)
+    fig, ax = plt.subplots(figsize=(max(6, 1.3 * len(keys) * max(1, len(methods) / 4)), 4))
+    for i, m in enumerate(methods):
+        xs, means, sds = [], [], []
+        for j, k in enumerate(keys):
+            if m in table[k]:
+                mean, sd = _mean_sd(table[k][m])
+                xs.append(j + i * width)
+                means.append(mean)
+                sds.append(sd)
+        ax.bar(xs, means, width, yerr=sds, label=m, capsize=2)
+    ax.set_xticks([j + 0.4 - width / 2 for j in range(len(keys))])
+    ax.set_xticklabels([f"t{v}\n{t}" for v, t in keys], fontsize=8)
+    ax.set_ylabel("relative L2 to the nearest training adapter" if metric else "test score")
+    ax.set_title(f"exp-{result['experiment']}")
+    ax.legend(fontsize=7, ncol=min(len(methods), 5))
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=110)
+    plt.close(fig)
+    return buf.getvalue()
+
+
+def run_experiment(name: str, cfg: ExperimentConfig) -> dict[str, Any]:
+    return Experiment(name, cfg).run()

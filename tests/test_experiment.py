@@ -1,0 +1,145 @@
+"""`oral experiment`: the methods, the long format, the caches and the memorization distances, on tiny-llama."""
+
+import json
+import math
+
+import pytest
+import torch
+
+from oral.experiments.methods import METHODS, gibberish
+from oral.experiments.runner import ExperimentConfig, format_table, run_experiment
+
+ALL = ["base", "oracle", "in-prompt", "nearest", "mean", "generated", "generated-cfg", "random-text", "random-model",
+       "no-fingerprint"]
+
+
+def _config(tiny_zoo, tiny_generator_dir, tmp_path, **kw) -> ExperimentConfig:
+    base = dict(generator=str(tiny_generator_dir), zoo=str(tiny_zoo), root="tiny-llama", versions=[0], methods=ALL,
+                descriptions=1, seeds=[0, 1], limit=8, val_limit=8, steps=5, guidances=[1.0, 2.0],
+                out=str(tmp_path / "results"), cache=str(tmp_path / "cache"))
+    return ExperimentConfig(**{**base, **kw})
+
+
+def test_every_method_gives_rows_in_the_long_format_and_a_rerun_measures_nothing(tiny_zoo, tiny_generator_dir, tmp_path,
+                                                                                  monkeypatch):
+    cfg = _config(tiny_zoo, tiny_generator_dir, tmp_path)
+    result = run_experiment("t", cfg)
+    rows = result["rows"]
+    keys = {"base", "version", "task", "method", "description", "seed", "split", "metric", "value", "n"}
+    assert all(keys <= set(r) for r in rows)
+    tasks = {"sms-spam", "movie-sentiment"}
+    assert {r["task"] for r in rows} == tasks and {r["version"] for r in rows} == {0}
+    count = {(t, m): sum(1 for r in rows if r["task"] == t and r["method"] == m) for t in tasks for m in ALL}
+    for t in tasks:
+        # one row for base/oracle/mean; one per description for in-prompt/nearest; description x seed for generated ones
+        assert [count[t, m] for m in ALL] == [1, 1, 1, 1, 1, 2, 2, 2, 2, 2], (t, count)
+    assert all(r["n"] == 8 and 0 <= r["value"] <= 1 for r in rows)
+    gen = [r for r in rows if r["method"] == "generated"]
+    assert all(r["description"] and r["seed"] in (0, 1) and isinstance(r["familiar"], bool) for r in gen)
+    assert {r["guidance"] for r in rows if r["method"] == "generated-cfg"} <= {1.0, 2.0}
+    near = [r for r in rows if r["method"] == "nearest"]
+    assert all(r["from_task"] in tasks and r["from_version"] == 0 for r in near)
+    # the files: json (the same rows), markdown table, png
+    out = tmp_path / "results"
+    assert json.loads((out / "exp-t.json").read_text())["rows"] == json.loads(json.dumps(rows))
+    assert "| t0 | sms-spam |" in (out / "exp-t.md").read_text()
+    assert (out / "exp-t.png").read_bytes()[:4] == b"\x89PNG"
+    adapters = sorted((tmp_path / "cache" / "adapters").iterdir())
+
+    # a rerun: every score and adapter comes from the caches
+    from oral.evaluate import Evaluator
+    from oral.generate import Generator
+
+    def fail(*a, **k):
+        raise AssertionError("measured or generated again")
+
+    monkeypatch.setattr(Evaluator, "evaluate", fail)
+    monkeypatch.setattr(Generator, "generate", fail)
+    again = run_experiment("t", cfg)
+    assert [r["value"] for r in again["rows"]] == [r["value"] for r in rows]
+    assert sorted((tmp_path / "cache" / "adapters").iterdir()) == adapters
+
+
+def test_controls_change_the_condition_and_unseen_versions_get_stale_baselines(tiny_zoo, tiny_generator_dir, tmp_path):
+    from oral.experiments.runner import Experiment
+
+    cfg = _config(tiny_zoo, tiny_generator_dir, tmp_path, methods=["generated", "random-model", "no-fingerprint", "random-text"],
+                  tasks=["sms-spam"], seeds=[0])
+    exp = Experiment("c", cfg)
+    from oral.models import load_base
+
+    model, tok = load_base("tiny-llama")
+    from oral.evaluate import Evaluator
+
+    cands = {c.method: c for c in exp.candidates(0, "sms-spam", Evaluator(model, tok, progress=False), model)}
+    same = [torch.equal(cands["generated"].state[k], cands[m].state[k]) for m in ("random-model", "no-fingerprint", "random-text")
+            for k in cands["generated"].state]
+    assert not all(same)  # each control gives another adapter from the same seed
+    for m in ("random-model", "no-fingerprint", "random-text"):
+        assert any(not torch.equal(cands["generated"].state[k], cands[m].state[k]) for k in cands[m].state), m
+    # stale-* apply only to versions the generator was not trained on: t0 is a training version here
+    cfg2 = _config(tiny_zoo, tiny_generator_dir, tmp_path, methods=["stale-t0", "stale-newest", "stale-best"], tasks=["sms-spam"])
+    assert list(Experiment("s", cfg2).candidates(0, "sms-spam", None, model)) == []
+
+
+def test_memorization_distances_find_the_training_adapter_itself(tiny_zoo, tiny_generator_dir, tmp_path):
+    cfg = _config(tiny_zoo, tiny_generator_dir, tmp_path, methods=["oracle", "generated"], scores=False, distances=True,
+                  tasks=["sms-spam"], seeds=[0])
+    rows = run_experiment("m", cfg)["rows"]
+    by = {(r["method"], r["metric"]): r for r in rows}
+    assert set(by) == {(m, d) for m in ("oracle", "generated") for d in ("rel-l2-to-nearest", "cosine-to-nearest")}
+    # the oracle's own run is left out of its pool: its nearest is the other task's run
+    assert by["oracle", "rel-l2-to-nearest"]["nearest_task"] == "movie-sentiment"
+    assert by["oracle", "rel-l2-to-nearest"]["value"] > 0
+    assert -1 <= by["generated", "cosine-to-nearest"]["value"] <= 1
+    assert "relative L2" in format_table(run_experiment("m", cfg))
+
+
+def test_update_distance_matches_the_dense_updates():
+    from oral.gauge import delta_weight, update_distance
+    from oral.lora import LoraModule, LoraSpec
+
+    spec = LoraSpec(modules=[LoraModule("layers.0.q_proj", 6, 5, 2, 4.0), LoraModule("layers.0.v_proj", 6, 3, 2, 4.0)])
+    g = torch.Generator().manual_seed(0)
+    a, b = ({k: torch.randn(*s, generator=g) for k, s in spec.shapes().items()} for _ in range(2))
+    d = update_distance(spec, a, b)
+    cos, rel = [], []
+    for m in spec.modules:
+        da, db = delta_weight(spec, a, m.name), delta_weight(spec, b, m.name)
+        cos.append(float((da * db).sum() / da.norm() / db.norm()))
+        rel.append(float((da - db).norm() / db.norm()))
+    assert math.isclose(d["cosine"], sum(cos) / 2, rel_tol=1e-9) and math.isclose(d["rel_l2"], sum(rel) / 2, rel_tol=1e-9)
+    assert update_distance(spec, a, a) == {"cosine": pytest.approx(1.0), "rel_l2": pytest.approx(0.0, abs=1e-6)}
+
+
+def test_gibberish_keeps_the_word_lengths_and_says_nothing():
+    text = "Classify the sentiment of a movie review."
+    g = gibberish(text, 0)
+    assert [len(w) for w in g.split()] == [len(w) for w in text.split()] and g != text and g == gibberish(text, 0)
+    assert gibberish(text, 1) != g
+
+
+def test_bad_requests_name_the_fix(tiny_zoo, tiny_generator_dir, tmp_path):
+    from oral.cli import main
+    from oral.experiments import ExperimentError
+
+    with pytest.raises(ExperimentError, match="unknown method"):
+        run_experiment("x", _config(tiny_zoo, tiny_generator_dir, tmp_path, methods=["base", "magic"]))
+    with pytest.raises(ExperimentError, match=r"no runs on version\(s\) \[3\]"):
+        run_experiment("x", _config(tiny_zoo, tiny_generator_dir, tmp_path, versions=[3]))
+    with pytest.raises(ExperimentError, match="not a zoo"):
+        run_experiment("x", _config(tiny_zoo, tiny_generator_dir, tmp_path, zoo=str(tmp_path)))
+    assert main(["experiment", "limit=3"]) == 2
+    assert set(METHODS) >= set(ALL)
+
+
+def test_the_command_line_takes_overrides_after_the_config(tiny_zoo, tiny_generator_dir, tmp_path, capsys):
+    from oral.cli import main
+
+    cfg = tmp_path / "exp.yaml"
+    cfg.write_text(f"generator: {tiny_generator_dir}\nzoo: {tiny_zoo}\nroot: tiny-llama\nmethods: [base]\n"
+                   f"out: {tmp_path / 'o'}\ncache: {tmp_path / 'c'}\n")
+    assert main(["experiment", "cli", "--config", str(cfg), "limit=4", "tasks=[sms-spam]"]) == 0
+    result = json.loads((tmp_path / "o" / "exp-cli.json").read_text())
+    assert result["config"]["limit"] == 4 and [r["task"] for r in result["rows"]] == ["sms-spam"]
+    assert "exp-cli.json" in capsys.readouterr().out
