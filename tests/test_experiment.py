@@ -8,14 +8,16 @@ import torch
 
 from oral.experiments.methods import METHODS, gibberish
 from oral.experiments.runner import ExperimentConfig, format_table, run_experiment
+from oral.hypernet import HypernetConfig
 
-ALL = ["base", "oracle", "in-prompt", "nearest", "mean", "generated", "generated-cfg", "random-text", "random-model",
+ALL = ["base", "oracle", "in-prompt", "nearest", "mean", "hypernet", "generated", "generated-cfg", "random-text", "random-model",
        "no-fingerprint"]
 
 
 def _config(tiny_zoo, tiny_generator_dir, tmp_path, **kw) -> ExperimentConfig:
     base = dict(generator=str(tiny_generator_dir), zoo=str(tiny_zoo), root="tiny-llama", versions=[0], methods=ALL,
                 descriptions=1, seeds=[0, 1], limit=8, val_limit=8, steps=5, guidances=[1.0, 2.0],
+                hypernet=HypernetConfig(steps=30, hidden=64),
                 out=str(tmp_path / "results"), cache=str(tmp_path / "cache"))
     return ExperimentConfig(**{**base, **kw})
 
@@ -32,7 +34,7 @@ def test_every_method_gives_rows_in_the_long_format_and_a_rerun_measures_nothing
     count = {(t, m): sum(1 for r in rows if r["task"] == t and r["method"] == m) for t in tasks for m in ALL}
     for t in tasks:
         # one row for base/oracle/mean; one per description for in-prompt/nearest; description x seed for generated ones
-        assert [count[t, m] for m in ALL] == [1, 1, 1, 1, 1, 2, 2, 2, 2, 2], (t, count)
+        assert [count[t, m] for m in ALL] == [1, 1, 1, 1, 1, 1, 2, 2, 2, 2, 2], (t, count)
     assert all(r["n"] == 8 and 0 <= r["value"] <= 1 for r in rows)
     gen = [r for r in rows if r["method"] == "generated"]
     assert all(r["description"] and r["seed"] in (0, 1) and isinstance(r["familiar"], bool) for r in gen)
@@ -143,3 +145,26 @@ def test_the_command_line_takes_overrides_after_the_config(tiny_zoo, tiny_genera
     result = json.loads((tmp_path / "o" / "exp-cli.json").read_text())
     assert result["config"]["limit"] == 4 and [r["task"] for r in result["rows"]] == ["sms-spam"]
     assert "exp-cli.json" in capsys.readouterr().out
+
+
+def test_the_hypernet_baseline_learns_its_training_adapters(tiny_zoo, tiny_generator_dir):
+    """Trained by reconstruction on the zoo, it returns each task's adapter from a training description
+    closer than the other task's adapter is."""
+    from oral.experiments.methods import ZooAdapters
+    from oral.gauge import update_distance
+    from oral.generate import Generator
+    from oral.hypernet import HypernetConfig, train_hypernet
+    from oral.zoo import Zoo
+
+    gen = Generator.from_pretrained(tiny_generator_dir, device="cpu")
+    zoo = ZooAdapters(Zoo(tiny_zoo), "tiny-llama", 4, 0)
+    tasks = gen.config["conditions"]["tasks"]
+    texts = {t: list(gen.conditions.text_condition(tasks[t]["descriptions"])) for t in tasks}
+    c_model = gen.model_condition("tiny-llama", 0)
+    samples = [(state, c_model, texts[rec["task"]]) for rec, _, state in zoo.checkpoints({0}, set(tasks))]
+    net = train_hypernet(HypernetConfig(steps=300, hidden=128, lr=3e-3), gen.tokenizers[0].spec, samples, progress=False)
+    for task, other in (("sms-spam", "movie-sentiment"), ("movie-sentiment", "sms-spam")):
+        state = net.adapter(torch.cat([c_model, texts[task][0]]))
+        spec, own = zoo.final(0, task)
+        _, theirs = zoo.final(0, other)
+        assert update_distance(spec, state, own)["rel_l2"] < update_distance(spec, state, theirs)["rel_l2"], task

@@ -246,3 +246,37 @@ def test_a_drift_fingerprint_generator_tells_a_new_version_from_its_training_bas
     s0 = gen.generate("tiny-llama", "spam filter", seed=0, steps=5)[1]
     s1 = gen.generate(str(tmp_path / "t1"), "spam filter", seed=0, steps=5)[1]
     assert any(not torch.equal(s0[k], s1[k]) for k in s0)
+
+
+def test_a_base_outside_the_training_versions_is_reported_and_warned_about(gen_dir, tmp_path, tiny, caplog):
+    import copy
+    import logging
+
+    from oral.generate import Generator
+
+    gen = Generator.from_pretrained(gen_dir, device="cpu")
+    assert gen.base_familiarity("tiny-llama", 0) == {"seen": True, "distance": 0.0, "spread": 0.0, "inside": True}
+    model, tok = tiny
+    newer = copy.deepcopy(model)
+    with torch.no_grad():
+        newer.get_submodule("model.layers.0.self_attn.q_proj").weight.mul_(1.5)
+    newer.save_pretrained(tmp_path / "t1")
+    tok.save_pretrained(tmp_path / "t1")
+    where = gen.base_familiarity(str(tmp_path / "t1"), 0)
+    assert not where["seen"] and not where["inside"] and where["distance"] > 0
+    with caplog.at_level(logging.WARNING, logger="oral.generate"):
+        gen.generate(str(tmp_path / "t1"), "Detect spam in SMS text messages.", steps=2)
+    assert "outside their range" in caplog.text
+
+
+def test_training_data_can_be_restricted_to_versions_and_ranks(zoo, tmp_path):
+    from oral.config import load_config
+    from oral.train import GeneratorTrainConfig
+    from oral.zoo_data import DataError, prepare_training_data
+
+    base = ["preset=tiny", "steps=2", "device=cpu"]
+    data = prepare_training_data([zoo], tmp_path / "a", load_config(GeneratorTrainConfig, None, base + ["versions=[0]", "ranks=[4]"]))
+    assert sum(len(g.tokens) for g in data.groups) == data.num_samples > 0
+    for bad in ("versions=[1]", "ranks=[8]"):
+        with pytest.raises(DataError, match=bad.split("=")[0]):
+            prepare_training_data([zoo], tmp_path / "b", load_config(GeneratorTrainConfig, None, base + [bad]))

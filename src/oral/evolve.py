@@ -300,6 +300,19 @@ def evolve(
     return out
 
 
+def built_versions(cfg: ChainConfig) -> list[Path | str]:
+    """[t0, t1, ...] of the chain as far as it is built now (nothing is trained): t0 as given, then each
+    link's cached dir while it is complete."""
+    versions: list[Path | str] = [cfg.base]
+    for link in cfg.links():
+        link.base = str(versions[-1])
+        out = default_out(link, cfg.root)
+        if not _is_done(out, lineage_entry(link)):
+            break
+        versions.append(out)
+    return versions
+
+
 def evolve_chain(cfg: ChainConfig, progress: bool = True) -> list[Path]:
     """Build t0 (the base) -> t1 -> ... one link per corpus; return [t0, t1, ...] (t0 as given)."""
     versions: list[Path | str] = [cfg.base]

@@ -26,9 +26,22 @@ from safetensors.torch import save as safetensors_bytes
 from oral.conditions import ConditionConfig, ConditionEncoder, model_metadata, text_hash
 from oral.diffusion import Diffusion, DiffusionConfig
 from oral.generator import GeneratorConfig, GeneratorNet
-from oral.io import atomic_dir, atomic_write_bytes, atomic_write_json, file_lock, load_safetensors, read_json
+from oral.io import (
+    atomic_dir,
+    atomic_write_bytes,
+    atomic_write_json,
+    file_lock,
+    load_safetensors,
+    read_json,
+)
 from oral.lora import AdapterError, LoraSpec, save_adapter, validate_adapter, with_base
-from oral.models import base_id, load_base, load_base_config, resolve, weights_fingerprint
+from oral.models import (
+    base_id,
+    load_base,
+    load_base_config,
+    resolve,
+    weights_fingerprint,
+)
 from oral.paths import oral_home
 from oral.tokens import WeightTokenizer
 from oral.training import resolve_device
@@ -196,6 +209,20 @@ class Generator:
         nearest = self.nearest_descriptions(prompt)
         return {"familiar": nearest[0]["similarity"] >= FAMILIAR_SIMILARITY, "nearest": nearest}
 
+    def base_familiarity(self, base: str, group: int, base_model: torch.nn.Module | None = None) -> dict:
+        """Whether `base` is a version the generator was trained on, else how far its c_model lies from theirs:
+        {"seen", "distance" (L2 to the nearest training base's c_model), "spread" (the largest distance between
+        two training bases), "inside" (seen, or no farther than that spread)}. Outside, the adapter is an
+        extrapolation; with one training base every other base is outside."""
+        trained = [b["id"] for b in self.config["conditions"]["bases"] if (group, b["id"]) in self.c_model_cache]
+        c = self.model_condition(base, group, base_model)
+        train_c = [self.c_model_cache[(group, b)] for b in trained]
+        distance = min((float((c - t).norm()) for t in train_c), default=float("inf"))
+        spread = max((float((a - b).norm()) for i, a in enumerate(train_c) for b in train_c[i + 1:]), default=0.0)
+        seen = base_id(base) in trained
+        return {"seen": seen, "distance": round(distance, 6), "spread": round(spread, 6),
+                "inside": seen or (spread > 0 and distance <= spread)}
+
     # --- layouts ---------------------------------------------------------------
 
     def layout_for(self, base: str, rank: int | None = None) -> int:
@@ -325,6 +352,11 @@ class Generator:
         gi = self.layout_for(base, rank)
         if c_model is None:
             c_model = self.model_condition(base, gi, base_model)
+            where = self.base_familiarity(base, gi, base_model)
+            if not where["inside"]:
+                log.warning("%s is not a base this generator was trained on (%s), and its c_model lies outside their range "
+                            "(distance %.3g to the nearest, spread %.3g): the adapter is an extrapolation", base,
+                            ", ".join(b["id"] for b in self.config["conditions"]["bases"]), where["distance"], where["spread"])
         tok = self.tokenizers[gi]
         state = {}  # decoded chunk by chunk as the tokens are sampled: no (N, D) buffer
         for start, tokens in self.sample_token_chunks(gi, c_model, prompt, seed, steps, guidance, sampler, eta):

@@ -80,6 +80,8 @@ class GeneratorTrainConfig:
     log_every: int = 10  # steps between loss-log rows
     device: str = "auto"  # "auto": cuda when available, else cpu
     tasks: list[str] = field(default_factory=list)  # zoo records of these tasks only (empty: all)
+    versions: list[int] = field(default_factory=list)  # ... of these base versions only (evolved links; empty: all)
+    ranks: list[int] = field(default_factory=list)  # ... of these LoRA ranks only (empty: all)
     final_only: bool = False  # only the final checkpoint of each zoo run
 
     def __post_init__(self):

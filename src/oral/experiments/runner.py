@@ -48,6 +48,13 @@ from oral.experiments.methods import (
 )
 from oral.gauge import update_distance
 from oral.generate import Generator
+from oral.hypernet import (
+    Hypernet,
+    HypernetConfig,
+    load_hypernet,
+    save_hypernet,
+    train_hypernet,
+)
 from oral.io import atomic_write_bytes, atomic_write_json, atomic_write_text
 from oral.lora import adapter_digest, load_adapter, save_adapter
 from oral.models import base_id, load_base
@@ -80,6 +87,7 @@ class ExperimentConfig:
     guidances: list[float] = field(default_factory=lambda: [1.0, 1.5, 2.0, 3.0])  # generated-cfg's candidates
     distances: bool = False  # also the memorization distances of generated adapters and the oracle
     scores: bool = True  # score candidates (off: distances only)
+    hypernet: HypernetConfig = field(default_factory=HypernetConfig)  # the hypernet baseline, trained on the same zoo
     out: str = "docs/results"  # exp-NAME.{json,md,png} go here
     cache: str = "$ORAL_HOME/experiments"  # generated adapters and scores
 
@@ -158,6 +166,13 @@ class Experiment:
                 if found:
                     spec, state = mean_adapter(found)
                     yield Candidate(method, spec=with_base_spec(spec, base), state=state, info={"of": len(found)})
+            elif method == "hypernet":
+                group = self.gen.layout_for(base, cfg.rank)
+                net = self.hypernet(group)
+                c_model = self.gen.model_condition(base, group, model)
+                for d in descriptions:
+                    state = net.adapter(torch.cat([c_model, self.gen.conditions.text_condition([d])[0]]))
+                    yield Candidate(method, d, spec=with_base_spec(net.spec, base), state=state)
             elif method == "generated":
                 yield from self._generated(method, base, descriptions, model)
             elif method == "generated-cfg":
@@ -189,6 +204,29 @@ class Experiment:
         return Candidate("nearest", description, spec=with_base_spec(spec, base), state=state,
                          info={"from_version": version, "from_task": near["task"], "similarity": near["similarity"]})
 
+    def hypernet(self, group: int) -> Hypernet:
+        """The hypernetwork baseline trained on the generator's training checkpoints and conditions (cached)."""
+        cfg = self.cfg.hypernet
+        key = {"generator": self.gen_id, "group": group, "zoo": hashlib.sha256(self.zoo.zoo.manifest.read_bytes()).hexdigest()[:16],
+               "versions": self.train_versions, "tasks": self.train_tasks, "rank": self.cfg.rank,
+               "zoo_seed": self.cfg.zoo_seed, "config": dataclasses.asdict(cfg)}
+        path = self.cache_dir / "hypernets" / hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:20]
+        if (path / "config.json").is_file():
+            return load_hypernet(path)
+        tasks = self.gen.config["conditions"]["tasks"]
+        texts = {t: list(self.gen.conditions.text_condition(tasks[t]["descriptions"])) for t in self.train_tasks}
+        samples = [(state, self.gen.model_condition(self.zoo.versions[len(rec.get("lineage") or [])], group), texts[rec["task"]])
+                   for rec, _, state in self.zoo.checkpoints(set(self.train_versions), set(self.train_tasks))]
+        if not samples:
+            raise ExperimentError(f"the zoo {self.zoo.zoo.root} has no checkpoints of the generator's training runs "
+                                  f"to train the hypernet baseline on")
+        spec = self.gen.tokenizers[group].spec
+        t = time.time()
+        net = train_hypernet(cfg, spec, samples)
+        save_hypernet(net, path, {"key": key, "samples": len(samples), "final_loss": net.final_loss,
+                                  "wall_s": round(time.time() - t, 1)})
+        return net
+
     def _generated(self, method: str, base: str, descriptions: list[str], model, guidance: float = 1.0,
                    c_model: torch.Tensor | None = None) -> Iterator[Candidate]:
         for d in descriptions:
@@ -210,8 +248,9 @@ class Experiment:
                                             rank=self.cfg.rank, base_model=model, c_model=c_model)
             save_adapter(path, spec, state, provenance={"source": "oral experiment", **key}, overwrite=True)
         familiar = self.gen.familiarity(prompt)["familiar"]
+        inside = self.gen.base_familiarity(base, self.gen.layout_for(base, self.cfg.rank), model)["inside"]
         return Candidate(method, description, seed, spec, state,
-                         info={"guidance": guidance, "familiar": familiar, "adapter": str(path)})
+                         info={"guidance": guidance, "familiar": familiar, "base_inside": inside, "adapter": str(path)})
 
     def _choose_guidance(self, base: str, task: str, description: str, model, ev: Evaluator) -> float:
         """The guidance scale whose adapter (first description, first seed) scores best on validation."""
@@ -272,7 +311,7 @@ class Experiment:
                         if cfg.scores:
                             s = self.score(base, cand.spec, cand.state, task, cfg.split, cfg.limit, cand.instruction, ev)
                             rows.append({**row, "metric": s["metric"], "value": s["value"], "n": s["n"]})
-                        if cfg.distances and cand.state is not None and (cand.method in GENERATED or cand.method == "oracle"):
+                        if cfg.distances and cand.state is not None and (cand.method in GENERATED or cand.method in ("oracle", "hypernet")):
                             rows.extend(self.distance_rows(cand, row, version, task))
                 del ev, model
         finally:
