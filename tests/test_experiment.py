@@ -66,6 +66,7 @@ def test_controls_change_the_condition_and_unseen_versions_get_stale_baselines(t
     from oral.experiments.runner import Experiment
 
     cfg = _config(tiny_zoo, tiny_generator_dir, tmp_path, methods=["generated", "random-model", "no-fingerprint", "random-text"],
+                  sweep_steps=[3], sweep_guidance=[2.0],
                   tasks=["sms-spam"], seeds=[0])
     exp = Experiment("c", cfg)
     from oral.models import load_base
@@ -77,7 +78,9 @@ def test_controls_change_the_condition_and_unseen_versions_get_stale_baselines(t
     same = [torch.equal(cands["generated"].state[k], cands[m].state[k]) for m in ("random-model", "no-fingerprint", "random-text")
             for k in cands["generated"].state]
     assert not all(same)  # each control gives another adapter from the same seed
-    for m in ("random-model", "no-fingerprint", "random-text"):
+    assert {"generated-steps3", "generated-g2"} <= set(cands)
+    assert cands["generated-steps3"].info["steps"] == 3 and cands["generated-g2"].info["guidance"] == 2.0
+    for m in ("random-model", "no-fingerprint", "random-text", "generated-steps3", "generated-g2"):
         assert any(not torch.equal(cands["generated"].state[k], cands[m].state[k]) for k in cands[m].state), m
     # stale-* apply only to versions the generator was not trained on: t0 is a training version here
     cfg2 = _config(tiny_zoo, tiny_generator_dir, tmp_path, methods=["stale-t0", "stale-newest", "stale-best"], tasks=["sms-spam"])

@@ -126,7 +126,7 @@ def train_hypernet(cfg: HypernetConfig, spec: LoraSpec, samples: list[tuple[dict
         loss.backward()
         opt.step()
         sched.step()
-    net.final_loss = float(loss)
+    net.final_loss = float(loss.detach())
     return net.eval()
 
 

@@ -85,6 +85,8 @@ class ExperimentConfig:
     val_limit: int = 100  # validation examples for the choices (stale-best, generated-cfg)
     steps: int = 60  # DDIM steps
     guidances: list[float] = field(default_factory=lambda: [1.0, 1.5, 2.0, 3.0])  # generated-cfg's candidates
+    sweep_steps: list[int] = field(default_factory=list)  # extra generated rows per DDIM step count ("generated-steps10")
+    sweep_guidance: list[float] = field(default_factory=list)  # ... per guidance scale ("generated-g2")
     distances: bool = False  # also the memorization distances of generated adapters and the oracle
     scores: bool = True  # score candidates (off: distances only)
     hypernet: HypernetConfig = field(default_factory=HypernetConfig)  # the hypernet baseline, trained on the same zoo
@@ -191,6 +193,10 @@ class Experiment:
                 c = without_fingerprint(self.gen, self.gen.model_condition(base, group, model))
                 if c is not None:
                     yield from self._generated(method, base, descriptions, model, c_model=c)
+        for steps in cfg.sweep_steps:
+            yield from self._generated(f"generated-steps{steps}", base, descriptions, model, steps=steps)
+        for g in cfg.sweep_guidance:
+            yield from self._generated(f"generated-g{g:g}", base, descriptions, model, guidance=g)
 
     def _nearest(self, base: str, description: str, model: torch.nn.Module) -> Candidate:
         """Retrieval: the training version whose c_model is nearest the base's, then the training task
@@ -228,29 +234,31 @@ class Experiment:
         return net
 
     def _generated(self, method: str, base: str, descriptions: list[str], model, guidance: float = 1.0,
-                   c_model: torch.Tensor | None = None) -> Iterator[Candidate]:
+                   c_model: torch.Tensor | None = None, steps: int | None = None) -> Iterator[Candidate]:
         for d in descriptions:
             for s in self.cfg.seeds:
-                yield self._generate(method, base, d, s, model, guidance=guidance, c_model=c_model)
+                yield self._generate(method, base, d, s, model, guidance=guidance, c_model=c_model, steps=steps)
 
     def _generate(self, method: str, base: str, description: str, seed: int, model, prompt: str | None = None,
-                  guidance: float = 1.0, c_model: torch.Tensor | None = None) -> Candidate:
+                  guidance: float = 1.0, c_model: torch.Tensor | None = None, steps: int | None = None) -> Candidate:
         """A generated adapter, from the adapter cache when it was made before."""
         prompt = prompt or description
-        key = {"generator": self.gen_id, "base": base_id(base), "prompt": prompt, "seed": seed, "steps": self.cfg.steps,
+        steps = steps or self.cfg.steps
+        key = {"generator": self.gen_id, "base": base_id(base), "prompt": prompt, "seed": seed, "steps": steps,
                "guidance": guidance, "rank": self.cfg.rank,
                "c_model": None if c_model is None else hashlib.sha256(c_model.numpy().tobytes()).hexdigest()[:16]}
         path = self.cache_dir / "adapters" / hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:20]
         if (path / "adapter_config.json").is_file():
             spec, state = load_adapter(path)
         else:
-            spec, state = self.gen.generate(base, prompt, seed=seed, steps=self.cfg.steps, guidance=guidance,
+            spec, state = self.gen.generate(base, prompt, seed=seed, steps=steps, guidance=guidance,
                                             rank=self.cfg.rank, base_model=model, c_model=c_model)
             save_adapter(path, spec, state, provenance={"source": "oral experiment", **key}, overwrite=True)
         familiar = self.gen.familiarity(prompt)["familiar"]
         inside = self.gen.base_familiarity(base, self.gen.layout_for(base, self.cfg.rank), model)["inside"]
         return Candidate(method, description, seed, spec, state,
-                         info={"guidance": guidance, "familiar": familiar, "base_inside": inside, "adapter": str(path)})
+                         info={"guidance": guidance, "steps": steps, "familiar": familiar, "base_inside": inside,
+                               "adapter": str(path)})
 
     def _choose_guidance(self, base: str, task: str, description: str, model, ev: Evaluator) -> float:
         """The guidance scale whose adapter (first description, first seed) scores best on validation."""
@@ -354,7 +362,7 @@ def cells(rows: list[dict], metric: str | None = None) -> dict[tuple[int, str], 
 
 def format_table(result: dict, metric: str | None = None) -> str:
     """Markdown: one line per (version, task), one column per method, mean +- sd (samples)."""
-    methods = [m for m in result["config"]["methods"] if any(r["method"] == m for r in result["rows"])]
+    methods = list(dict.fromkeys(r["method"] for r in result["rows"]))  # in the order they were run
     lines = []
     for title, m in ([("scores", None)] if result["config"].get("scores", True) else []) + \
             ([("distance to the nearest training adapter (relative L2 of dW)", "rel-l2-to-nearest"),
@@ -392,7 +400,7 @@ def plot(result: dict) -> bytes | None:
     table = cells(result["rows"], metric)
     if not table:
         return None
-    methods = [m for m in result["config"]["methods"] if any(m in c for c in table.values())]
+    methods = [m for m in dict.fromkeys(r["method"] for r in result["rows"]) if any(m in c for c in table.values())]
     keys = sorted(table)
     width = 0.8 / max(len(methods), 1)
     fig, ax = plt.subplots(figsize=(max(6, 1.3 * len(keys) * max(1, len(methods) / 4)), 4))

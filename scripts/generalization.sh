@@ -1,0 +1,32 @@
+#!/usr/bin/env bash
+# Everything behind the generalization experiments (docs/RESULTS.md, "Does it generalize?"), in order;
+# every step resumes where it stopped and skips what is done, so rerun it after an interruption.
+#   bash scripts/generalization.sh                 # CPU
+#   DEVICE=cuda bash scripts/generalization.sh     # one GPU: the family and the zoo in minutes
+# 1) the family t0..t4 (configs/evolve-chain.yaml): measured here ~20 min a link on one CPU thread;
+# 2) the full zoo (configs/zoo-full.yaml): 80 runs, ~5.5 h of one CPU thread;
+# 3) the family generator (configs/generator-family.yaml): t0..t2, 8 tasks;
+# 4) the experiments with the family generator (seen, portability, unseen-task, ablation, memorization);
+#    the bundled generator's own experiments run with `oral experiment NAME --config configs/exp-NAME.yaml`.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+. .venv/bin/activate
+DEVICE=${DEVICE:-cpu}
+HOME_DIR=${ORAL_HOME:-$HOME/.cache/oral}
+GEN=$HOME_DIR/generators/family
+ZOO=$HOME_DIR/zoos/full
+T0=$(date +%s)
+stamp() { echo "[$(( $(date +%s) - T0 )) s] $*"; }
+stamp "family";     oral evolve --chain --config configs/evolve-chain.yaml device="$DEVICE"
+stamp "full zoo";   oral zoo --config configs/zoo-full.yaml train.device="$DEVICE"
+stamp "generator";  oral train --zoo "$ZOO" --out "$GEN" --config configs/generator-family.yaml device="$DEVICE"
+FAMILY="generator=$GEN zoo=$ZOO"
+stamp "seen";        oral experiment family-seen --config configs/exp-seen.yaml $FAMILY versions=[0,1,2] tasks=[]
+stamp "portability"; oral experiment portability --config configs/exp-portability.yaml
+stamp "unseen-task"; oral experiment family-unseen-task --config configs/exp-unseen-task.yaml $FAMILY \
+                         versions=[0,1,2,3,4] tasks=[tweet-sentiment,text-domain]
+stamp "ablation";    oral experiment family-ablation --config configs/exp-ablation.yaml $FAMILY versions=[3,4] \
+                         tasks=[movie-sentiment,sms-spam,trec-question]
+stamp "memorization"; oral experiment family-memorization --config configs/exp-memorization.yaml $FAMILY \
+                         versions=[0,3,4] tasks=[movie-sentiment,sms-spam,trec-question,tweet-sentiment,text-domain]
+stamp "done"
