@@ -36,13 +36,12 @@ import shutil
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Iterator
 
-from tqdm.auto import tqdm
-
 from oral import tasks as tasks_mod
 from oral.evaluate import Evaluator
 from oral.io import read_jsonl
 from oral.models import load_base
 from oral.paths import expand_path
+from oral.progress import progress_bar
 from oral.training import get_task
 
 if TYPE_CHECKING:
@@ -248,7 +247,7 @@ def evaluate_checkpoints(
     for base in dict.fromkeys(r["base"] for r in records):
         model, tok = load_base(base)
         ev = Evaluator(model, tok, batch_size=batch_size, progress=False)
-        for r in tqdm([r for r in records if r["base"] == base], desc=f"eval {slug(base)}", disable=None):
+        for r in progress_bar([r for r in records if r["base"] == base], desc=f"eval {slug(base)}"):
             ev.set_adapter(zoo.path(r))
             res = ev.evaluate(get_task(r.get("task_key", r["task"])), split=split, limit=limit)
             out.append({**r, "eval": {**res, "split": split}})

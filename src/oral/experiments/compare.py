@@ -17,12 +17,11 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from tqdm import tqdm
-
 from oral.evaluate import Evaluator
 from oral.generate import Generator
 from oral.io import atomic_write_json
 from oral.models import base_id, load_base
+from oral.progress import progress_bar
 from oral.tasks import get_task
 from oral.zoo import Zoo
 
@@ -87,7 +86,7 @@ def compare(cfg: CompareConfig) -> dict[str, Any]:
     ev = Evaluator(model, tok, progress=False)
     gen = Generator.from_pretrained(cfg.generator)
     rows = []
-    for name in tqdm(tasks, desc="compare"):
+    for name in progress_bar(tasks, desc="compare"):
         task = get_task(name)
         row: dict[str, Any] = {"task": name, "metric": None, "generated": []}
         ev.set_adapter(None)
