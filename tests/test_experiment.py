@@ -171,3 +171,15 @@ def test_the_hypernet_baseline_learns_its_training_adapters(tiny_zoo, tiny_gener
         spec, own = zoo.final(0, task)
         _, theirs = zoo.final(0, other)
         assert update_distance(spec, state, own)["rel_l2"] < update_distance(spec, state, theirs)["rel_l2"], task
+
+
+def test_the_oracle_can_come_from_another_zoo_of_the_family(tiny_zoo, tiny_generator_dir, tmp_path):
+    import shutil
+
+    other = tmp_path / "other-zoo"
+    shutil.copytree(tiny_zoo, other)
+    manifest = other / "manifest.jsonl"
+    manifest.write_text("".join(line + "\n" for line in manifest.read_text().splitlines() if "movie-sentiment" not in line))
+    cfg = _config(tiny_zoo, tiny_generator_dir, tmp_path, methods=["oracle"], oracle_zoo=str(other))
+    rows = run_experiment("o", cfg)["rows"]
+    assert [r["task"] for r in rows] == ["sms-spam"]  # the other zoo has no movie-sentiment run

@@ -71,7 +71,8 @@ class ExperimentConfig:
     """What an experiment measures (configs/exp-*.yaml)."""
 
     generator: str = ""  # trained generator dir; empty: the bundled one
-    zoo: str = "$ORAL_HOME/zoos/quick"  # the zoo the generator was trained on (oracle, stale, nearest, mean)
+    zoo: str = "$ORAL_HOME/zoos/quick"  # the zoo the generator was trained on (oracle, stale, nearest, mean, hypernet)
+    oracle_zoo: str = ""  # another zoo for the oracle (e.g. one with the tasks the generator never saw); empty: zoo
     root: str = "smollm2-135m"  # the family's root base, t0
     versions: list[int] = field(default_factory=lambda: [0])  # versions scored on (their bases come from the zoo)
     tasks: list[str] = field(default_factory=list)  # empty: the generator's training tasks
@@ -117,16 +118,27 @@ class Experiment:
             raise ExperimentError(f"{zoo.root} is not a zoo (no manifest); build it with the command in its config, "
                                   f"e.g. `oral zoo --config configs/zoo-quick.yaml`")
         self.zoo = ZooAdapters(zoo, cfg.root, cfg.rank, cfg.zoo_seed)
+        self.oracle_zoo = self.zoo
+        if cfg.oracle_zoo:
+            other = Zoo(cfg.oracle_zoo)
+            if not other.manifest.is_file():
+                raise ExperimentError(f"the oracle zoo {other.root} is not a zoo (no manifest); build it or leave oracle_zoo empty")
+            self.oracle_zoo = ZooAdapters(other, cfg.root, cfg.rank, cfg.zoo_seed)
+            for v in set(self.zoo.versions) & set(self.oracle_zoo.versions):
+                if self.zoo.versions[v] != self.oracle_zoo.versions[v]:
+                    raise ExperimentError(f"version {v} is {self.zoo.versions[v]} in {zoo.root} but "
+                                          f"{self.oracle_zoo.versions[v]} in {other.root}: give zoos of one family")
+        self.bases = {**self.oracle_zoo.versions, **self.zoo.versions}  # version -> base
         gen_bases = [b["id"] for b in self.gen.config["conditions"]["bases"]]
         self.train_versions = sorted(v for v in (self.zoo.version_of(b) for b in gen_bases) if v is not None)
         self.train_tasks = sorted(self.gen.config["conditions"]["tasks"])
         if not self.train_versions:
             raise ExperimentError(f"none of the generator's bases {gen_bases} is in the zoo {zoo.root}'s family of "
                                   f"{cfg.root}; give the zoo the generator was trained on")
-        missing = [v for v in cfg.versions if v not in self.zoo.versions]
+        missing = [v for v in cfg.versions if v not in self.bases]
         if missing:
             raise ExperimentError(f"the zoo {zoo.root} has no runs on version(s) {missing} of {cfg.root} (it has "
-                                  f"{sorted(self.zoo.versions)}); build them with `oral zoo --config configs/zoo-full.yaml`")
+                                  f"{sorted(self.bases)}); build them with `oral zoo --config configs/zoo-full.yaml`")
         self.tasks = cfg.tasks or self.train_tasks
 
     def _generator_id(self) -> str:
@@ -136,7 +148,7 @@ class Experiment:
     # --- candidates -------------------------------------------------------------
 
     def candidates(self, version: int, task: str, ev: Evaluator, model: torch.nn.Module) -> Iterator[Candidate]:
-        cfg, base = self.cfg, self.zoo.versions[version]
+        cfg, base = self.cfg, self.bases[version]
         the_task = get_task(task)
         descriptions = the_task.heldout_descriptions[: cfg.descriptions]
         unseen_version = version not in self.train_versions
@@ -147,7 +159,7 @@ class Experiment:
                 for d in descriptions:
                     yield Candidate(method, d, instruction=d)
             elif method == "oracle":
-                if (found := self.zoo.final(version, task)) is not None:
+                if (found := self.oracle_zoo.final(version, task)) is not None:
                     yield Candidate(method, spec=found[0], state=found[1])
             elif method in ("stale-t0", "stale-newest") and unseen_version:
                 v = 0 if method == "stale-t0" else max(self.train_versions)
@@ -287,7 +299,7 @@ class Experiment:
         (every kept checkpoint); the oracle's own run is left out of its pool."""
         pool = self.zoo.checkpoints(set(self.train_versions), set(self.train_tasks))
         if cand.method == "oracle":
-            own = self.zoo.runs.get((version, task))
+            own = self.oracle_zoo.runs.get((version, task))
             pool = [p for p in pool if p[0]["run_id"] != own]
         if not pool:
             return []
@@ -308,7 +320,7 @@ class Experiment:
         quiet.setLevel(logging.ERROR)  # the familiarity warning is recorded in each row instead
         try:
             for version in cfg.versions:
-                base = self.zoo.versions[version]
+                base = self.bases[version]
                 model, tok = load_base(base)
                 ev = Evaluator(model, tok, progress=False)
                 for task in progress_bar(self.tasks, desc=f"{self.name} t{version}"):
@@ -327,7 +339,7 @@ class Experiment:
         result = {
             "experiment": self.name,
             "config": dataclasses.asdict(cfg),
-            "versions": {str(v): self.zoo.versions[v] for v in cfg.versions},
+            "versions": {str(v): self.bases[v] for v in cfg.versions},
             "training": {"generator": self.gen_id, "versions": self.train_versions, "tasks": self.train_tasks,
                          "zoo": str(self.zoo.zoo.root)},
             "rows": rows,
