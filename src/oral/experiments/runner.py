@@ -396,6 +396,17 @@ def format_table(result: dict, metric: str | None = None) -> str:
                     row.append(f"{mean:.3f}" + (f" +- {sd:.3f} ({len(vals)})" if len(vals) > 1 else ""))
             lines.append(f"| t{v} | {task} | " + " | ".join(row) + " |")
         lines.append("")
+    asked = {}  # (version, task) -> [familiar, inside] of each distinct generated request
+    for r in result["rows"]:
+        if r["method"] == "generated" and "familiar" in r:
+            asked.setdefault((r["version"], r["task"]), {})[(r["description"], r["seed"])] = (r["familiar"], r.get("base_inside", True))
+    if asked:
+        lines += [f"### exp-{result['experiment']}: when `oral generate` warns (generated requests)", "",
+                  "| version | task | requests | prompt far from training | base outside training versions |", "|---|---|---|---|---|"]
+        for (v, task), reqs in sorted(asked.items()):
+            lines.append(f"| t{v} | {task} | {len(reqs)} | {sum(not f for f, _ in reqs.values())} | "
+                         f"{sum(not i for _, i in reqs.values())} |")
+        lines.append("")
     return "\n".join(lines)
 
 
