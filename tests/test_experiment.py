@@ -92,7 +92,8 @@ def test_memorization_distances_find_the_training_adapter_itself(tiny_zoo, tiny_
                   tasks=["sms-spam"], seeds=[0])
     rows = run_experiment("m", cfg)["rows"]
     by = {(r["method"], r["metric"]): r for r in rows}
-    assert set(by) == {(m, d) for m in ("oracle", "generated") for d in ("rel-l2-to-nearest", "cosine-to-nearest")}
+    assert set(by) == {(m, d) for m in ("oracle", "generated") for d in ("rel-l2-to-nearest", "cosine-to-nearest")} | {("oracle", "rel-l2-within-run")}
+    assert 0 < by["oracle", "rel-l2-within-run"]["value"] < by["oracle", "rel-l2-to-nearest"]["value"]
     # the oracle's own run is left out of its pool: its nearest is the other task's run
     assert by["oracle", "rel-l2-to-nearest"]["nearest_task"] == "movie-sentiment"
     assert by["oracle", "rel-l2-to-nearest"]["value"] > 0

@@ -66,6 +66,9 @@ from oral.zoo import Zoo
 log = logging.getLogger(__name__)
 
 
+DISTANCES = ("rel-l2-to-nearest", "cosine-to-nearest", "rel-l2-within-run")  # the memorization metrics
+
+
 @dataclass
 class ExperimentConfig:
     """What an experiment measures (configs/exp-*.yaml)."""
@@ -296,19 +299,25 @@ class Experiment:
 
     def distance_rows(self, cand: Candidate, row: dict, version: int, task: str) -> list[dict]:
         """Distances of the candidate's update to the nearest adapter of the generator's training zoo
-        (every kept checkpoint); the oracle's own run is left out of its pool."""
+        (every kept checkpoint); the oracle's own run is left out of its pool, and its distance to the
+        nearest other checkpoint of that run (the zoo's own spread along one run) is a row of its own."""
         pool = self.zoo.checkpoints(set(self.train_versions), set(self.train_tasks))
+        extra = []
         if cand.method == "oracle":
             own = self.oracle_zoo.runs.get((version, task))
+            mine = [p for p in pool if p[0]["run_id"] == own and not p[0].get("final")]
+            if mine:
+                d = min(update_distance(cand.spec, cand.state, state)["rel_l2"] for _, _, state in mine)
+                extra.append({**row, "metric": "rel-l2-within-run", "value": d, "n": len(mine)})
             pool = [p for p in pool if p[0]["run_id"] != own]
         if not pool:
-            return []
+            return extra
         dist = [(update_distance(cand.spec, cand.state, state), rec) for rec, _, state in pool]
         best, rec = min(dist, key=lambda d: d[0]["rel_l2"])
         near = {"nearest_run": rec["run_id"], "nearest_step": rec["step"], "nearest_task": rec["task"],
                 "nearest_version": len(rec.get("lineage") or [])}
         return [{**row, "metric": "rel-l2-to-nearest", "value": best["rel_l2"], "n": len(pool), **near},
-                {**row, "metric": "cosine-to-nearest", "value": best["cosine"], "n": len(pool), **near}]
+                {**row, "metric": "cosine-to-nearest", "value": best["cosine"], "n": len(pool), **near}, *extra]
 
     # --- the run ----------------------------------------------------------------
 
@@ -366,7 +375,7 @@ def cells(rows: list[dict], metric: str | None = None) -> dict[tuple[int, str], 
     """(version, task) -> method -> values (one per description x seed) of `metric` (default: the task metric)."""
     out: dict[tuple[int, str], dict[str, list[float]]] = {}
     for r in rows:
-        if (metric is None and r["metric"] in ("rel-l2-to-nearest", "cosine-to-nearest")) or (metric and r["metric"] != metric):
+        if (metric is None and r["metric"] in DISTANCES) or (metric and r["metric"] != metric):
             continue
         out.setdefault((r["version"], r["task"]), {}).setdefault(r["method"], []).append(r["value"])
     return out
@@ -378,7 +387,9 @@ def format_table(result: dict, metric: str | None = None) -> str:
     lines = []
     for title, m in ([("scores", None)] if result["config"].get("scores", True) else []) + \
             ([("distance to the nearest training adapter (relative L2 of dW)", "rel-l2-to-nearest"),
-              ("cosine to the nearest training adapter", "cosine-to-nearest")] if result["config"].get("distances") else []):
+              ("cosine to the nearest training adapter", "cosine-to-nearest"),
+              ("the oracle's distance to the nearest other checkpoint of its own run", "rel-l2-within-run")]
+             if result["config"].get("distances") else []):
         table = cells(result["rows"], m)
         cols = [x for x in methods if any(x in c for c in table.values())]
         if not cols:
