@@ -150,7 +150,10 @@ class Evaluator:
             if key != self._config_key:
                 if self.peft is not None:  # different shapes: drop the old layers, inject new ones
                     self.model = self.peft.unload()
-                config = LoraConfig(**{**config.to_dict(), "inference_mode": True, "lora_dropout": 0.0})
+                # the layers go into the model loaded here: the adapter's recorded base name is not checked against it
+                # (PEFT would warn that it was "renamed" to the loaded dir's path)
+                config = LoraConfig(**{**config.to_dict(), "inference_mode": True, "lora_dropout": 0.0,
+                                       "base_model_name_or_path": None})
                 self.peft = get_peft_model(self.model, config)
                 self.model = self.peft.get_base_model()
                 self.model.eval()
