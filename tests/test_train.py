@@ -280,3 +280,17 @@ def test_training_data_can_be_restricted_to_versions_and_ranks(zoo, tmp_path):
     for bad in ("versions=[1]", "ranks=[8]"):
         with pytest.raises(DataError, match=bad.split("=")[0]):
             prepare_training_data([zoo], tmp_path / "b", load_config(GeneratorTrainConfig, None, base + [bad]))
+
+
+def test_the_default_guidance_is_the_one_recorded_with_the_generator(gen_dir, tmp_path):
+    from oral.generate import Generator, bundle_generator, generate_adapters
+    from oral.lora import read_provenance
+
+    assert Generator.from_pretrained(gen_dir, device="cpu").default_guidance == 1.0
+    out = bundle_generator(gen_dir, tmp_path / "b", sampling={"guidance": 2.5, "chosen_by": "validation"})
+    gen = Generator.from_pretrained(out, device="cpu")
+    assert gen.default_guidance == 2.5
+    (path,) = generate_adapters(gen, "tiny-llama", "spam filter", tmp_path / "a", steps=2)
+    assert read_provenance(path)["guidance"] == 2.5
+    (path,) = generate_adapters(gen, "tiny-llama", "spam filter", tmp_path / "c", steps=2, guidance=1.0)
+    assert read_provenance(path)["guidance"] == 1.0

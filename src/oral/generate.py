@@ -189,6 +189,12 @@ class Generator:
             c_model[(int(gi), bases[int(bi)])] = v
         return cls(path, config, net, tokenizers, c_model, dev)
 
+    @property
+    def default_guidance(self) -> float:
+        """The classifier-free guidance scale used when none is given: the one recorded with the generator
+        (`sampling.guidance`, chosen on validation when it was bundled), else 1 (no guidance)."""
+        return float(self.config.get("sampling", {}).get("guidance", 1.0))
+
     # --- what it knows ---------------------------------------------------------
 
     def nearest_descriptions(self, prompt: str, k: int = 3) -> list[dict]:
@@ -331,7 +337,7 @@ class Generator:
                 return pred_null + guidance * (pred_cond - pred_null)
         return denoise
 
-    def generate(self, base: str, prompt: str, seed: int = 0, steps: int = 60, guidance: float = 1.0,
+    def generate(self, base: str, prompt: str, seed: int = 0, steps: int = 60, guidance: float | None = None,
                  sampler: str = "ddim", eta: float = 0.0, rank: int | None = None,
                  base_model: torch.nn.Module | None = None, c_model: torch.Tensor | None = None) -> tuple:
         """(base, prompt) -> (spec, state): a LoRA adapter for `base` as a PEFT-keyed state dict.
@@ -339,7 +345,9 @@ class Generator:
         base: an embedded name, local dir or hub id (its architecture must be one the generator
         learned). base_model: the loaded base, to skip loading it for the fingerprint. c_model: a
         model condition to use instead of the base's own (the ablations of `oral experiment`).
+        guidance: None = `default_guidance`.
         """
+        guidance = self.default_guidance if guidance is None else guidance
         if not prompt or not prompt.strip():
             raise GenerationError("the prompt is empty: describe the task the adapter should do")
         known = self.familiarity(prompt)
@@ -392,10 +400,11 @@ def bundled_generator() -> Path:
 
 
 def bundle_generator(src: str | Path, out: str | Path = BUNDLED, dtype: torch.dtype = torch.float16,
-                     card: str = "") -> Path:
+                     card: str = "", sampling: dict | None = None) -> Path:
     """Copy a trained generator's inference files into `out` (default: the package's bundled dir),
     the network weights stored as `dtype`, with `card` as its README.md. Loading casts them back
-    to float32. Training state (checkpoints/, data/, loss log) is left out."""
+    to float32. Training state (checkpoints/, data/, loss log) is left out. `sampling` ({"guidance": g,
+    "chosen_by": ...}) records the settings `generate` uses by default."""
     src, out = Path(src), Path(out)
     config = read_generator_config(src)
     fix = f"retrain it with `oral train --out {src}`"
@@ -406,16 +415,18 @@ def bundle_generator(src: str | Path, out: str | Path = BUNDLED, dtype: torch.dt
             tok.save(tmp / g["tokenizer"])
         (tmp / WEIGHTS_NAME).write_bytes(safetensors_bytes(weights))
         (tmp / CONDITIONS_NAME).write_bytes((src / CONDITIONS_NAME).read_bytes())
-        (tmp / CONFIG_NAME).write_text(json.dumps({**config, "storage_dtype": str(dtype).removeprefix("torch.")},
-                                                  indent=2, sort_keys=True) + "\n")
+        config = {**config, "storage_dtype": str(dtype).removeprefix("torch.")}
+        if sampling:
+            config["sampling"] = sampling
+        (tmp / CONFIG_NAME).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
         if card:
             (tmp / CARD_NAME).write_text(card)
     return out
 
 
-def generator_card(gen: str | Path, scores: dict | None = None) -> str:
+def generator_card(gen: str | Path, scores: dict | None = None, sampling: dict | None = None) -> str:
     """A model card (markdown) for a trained generator: what it was trained on, its measured scores
-    on held-out descriptions (an `oral compare` result), and its limits."""
+    on held-out descriptions (an `oral compare` result), its default sampling, and its limits."""
     gen = Path(gen)
     c = read_generator_config(gen)
     tasks = c["conditions"]["tasks"]
@@ -437,6 +448,10 @@ def generator_card(gen: str | Path, scores: dict | None = None) -> str:
         f" batch {t['batch_size']}, lr {t['lr']}, EMA {t['ema_decay']}, {c['wall_s']:.0f} s of training",
         f"- rebuild: `{BUNDLE_COMMAND}`",
     ]
+    if sampling:
+        lines += ["", "## Sampling", "",
+                  f"`oral generate` uses classifier-free guidance {sampling['guidance']:g} unless told otherwise"
+                  + (f" ({sampling['chosen_by']})" if sampling.get("chosen_by") else "") + "."]
     if scores:
         lines += ["", "## Measured on held-out descriptions (test split)", "",
                   "| task | n | base | trained LoRA | generated (mean +- sd) | recovered |", "|---|---|---|---|---|---|"]
@@ -523,7 +538,7 @@ def generate_adapters(
     seed: int = 0,
     num: int = 1,
     steps: int = 60,
-    guidance: float = 1.0,
+    guidance: float | None = None,
     sampler: str = "ddim",
     eta: float = 0.0,
     rank: int | None = None,
@@ -531,10 +546,12 @@ def generate_adapters(
     device: str = "auto",
 ) -> list[Path]:
     """Write `num` validated PEFT adapter dirs (generator None: the bundled one): OUT itself for num=1, else OUT/seed-<s> for seeds
-    seed, seed+1, ... Each dir records its provenance (generator, prompt, seed, zoo manifest hash)."""
+    seed, seed+1, ... Each dir records its provenance (generator, prompt, seed, zoo manifest hash). guidance None:
+    the generator's `default_guidance`."""
     if num < 1:
         raise GenerationError(f"num must be >= 1, got {num}")
     gen = generator if isinstance(generator, Generator) else Generator.from_pretrained(generator, device=device)
+    guidance = gen.default_guidance if guidance is None else guidance
     out = Path(out)
     group = gen.layout_for(base, rank)  # a base the generator does not know fails before its weights load
     # The base's weights load only when needed: to fingerprint it for the provenance (once, then cached) or to

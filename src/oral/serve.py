@@ -130,7 +130,7 @@ class AdapterRequest(BaseModel):
     base: str
     prompt: str
     seed: int = 0
-    guidance: float = 1.0
+    guidance: float | None = None  # None: the generator's recommended scale (Generator.default_guidance)
     steps: int = 60
 
 
@@ -295,16 +295,17 @@ class Service:
             raise ServeError(400, f"the prompt has {len(req.prompt)} characters; the limit is {lim.max_prompt_chars}")
         if not 1 <= req.steps <= lim.max_steps:
             raise ServeError(400, f"steps must be in 1..{lim.max_steps}, got {req.steps}")
-        if not 0.0 <= req.guidance <= lim.max_guidance:
-            raise ServeError(400, f"guidance must be in 0..{lim.max_guidance}, got {req.guidance}")
+        guidance = self.generator.default_guidance if req.guidance is None else req.guidance
+        if not 0.0 <= guidance <= lim.max_guidance:
+            raise ServeError(400, f"guidance must be in 0..{lim.max_guidance}, got {guidance}")
         if not 0 <= req.seed < 2**32:
             raise ServeError(400, f"seed must be in 0..2**32-1, got {req.seed}")
         with self.lock:
             # c_model was cached at start, so the generator needs no weights here; save_adapter
             # checks the adapter against the base's config, then writes it atomically.
             spec, state = self.generator.generate(base.name, req.prompt, seed=req.seed, steps=req.steps,
-                                                  guidance=req.guidance)
-        provenance = {**self.generator.provenance(base.name, req.prompt, req.seed, req.steps, req.guidance,
+                                                  guidance=guidance)
+        provenance = {**self.generator.provenance(base.name, req.prompt, req.seed, req.steps, guidance,
                                                   "ddim", 0.0), "source": "oral serve"}
         adapter_id, path = self.store.new_path()
         save_adapter(path, spec, state, provenance=provenance, base_model=base.model.config)

@@ -17,7 +17,9 @@ def add_parser(sub) -> None:
     p.add_argument("--out", required=True, help="output adapter dir")
     p.add_argument("--seed", type=int, default=0, help="sampling seed (default 0)")
     p.add_argument("--steps", type=int, default=60, help="denoising steps (default 60)")
-    p.add_argument("--guidance", type=float, default=1.0, help="classifier-free guidance scale (1 = off)")
+    p.add_argument("--guidance", type=float, default=None,
+                   help="classifier-free guidance scale (1 = off; default: the generator's recommended scale, "
+                        "chosen on validation for the bundled one)")
     p.add_argument("--sampler", choices=["ddim", "ddpm"], default="ddim", help="denoising sampler")
     p.add_argument("--num", type=int, default=1, help="adapters to write (seeds S, S+1, ...)")
     p.add_argument("--rank", type=int, help="LoRA rank, when the generator learned several for this base")

@@ -13,6 +13,9 @@ def add_parser(sub) -> None:
     )
     p.add_argument("--bundle", metavar="GEN", help="trained generator dir to ship as the bundled one")
     p.add_argument("--scores", help="with --bundle: its `oral compare --json-out` result, for the model card")
+    p.add_argument("--guidance", type=float, help="with --bundle: the guidance scale `oral generate` uses by default "
+                                                  "(choose it on validation: `oral experiment seen`, generated-cfg)")
+    p.add_argument("--guidance-note", default="", help="with --guidance: how it was chosen, recorded beside it")
     p.add_argument("--json", action="store_true", help="print JSON")
     p.set_defaults(func=run)
 
@@ -26,8 +29,9 @@ def run(args) -> int:
 
     if args.bundle:
         scores = read_json(Path(args.scores), "run `oral compare ... --json-out` again") if args.scores else None
-        card = generator_card(args.bundle, scores)
-        print(f"bundled {bundle_generator(args.bundle, card=card)}")
+        sampling = {"guidance": args.guidance, "chosen_by": args.guidance_note} if args.guidance is not None else None
+        card = generator_card(args.bundle, scores, sampling)
+        print(f"bundled {bundle_generator(args.bundle, card=card, sampling=sampling)}")
         return 0
     rows = list_generators()
     if args.json:
