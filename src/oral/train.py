@@ -47,6 +47,9 @@ from oral.zoo_data import prepare_training_data
 log = logging.getLogger(__name__)
 
 GAUGES = ("raw", "canonical")
+# Settings added since the first generator runs, with the default that reproduces the runs made before them
+LATER_SETTINGS = {"versions": [], "ranks": []}
+LATER_CONDITIONS = {"fingerprint_kind": "sketch", "fingerprint_reference": "", "fingerprint_bins": 8}
 CHECKPOINTS = "checkpoints"
 
 
@@ -197,6 +200,13 @@ def train_generator(zoos: list[str | Path], out: str | Path, cfg: GeneratorTrain
     }
     run_key["train"].pop("steps")  # a run may be extended; the cosine schedule then stretches
     run_key["train"].pop("device")
+    # settings added after runs were made: at their defaults they leave the key as it was, so those runs resume
+    for key, default in LATER_SETTINGS.items():
+        if run_key["train"].get(key) == default:
+            run_key["train"].pop(key)
+    for key, default in LATER_CONDITIONS.items():
+        if run_key["train"]["conditions"].get(key) == default:
+            run_key["train"]["conditions"].pop(key)
 
     start = 0
     last = latest_checkpoint(out / CHECKPOINTS)
