@@ -49,7 +49,9 @@ def main() -> None:
     for k, cs in c_model.items():
         fp = kinds[k].fingerprint_dim
         pairs = [{"a": f"t{i}", "b": f"t{j}", "c_model_l2": float((cs[i] - cs[j]).norm()),
-                  "fingerprint_rel_l2": float((cs[i][-fp:] - cs[j][-fp:]).norm() / cs[i][-fp:].norm().clamp_min(1e-12))}
+                  # relative to the larger of the two (the drift fingerprint of t0 itself is 0)
+                  "fingerprint_rel_l2": float((cs[i][-fp:] - cs[j][-fp:]).norm()
+                                              / torch.maximum(cs[i][-fp:].norm(), cs[j][-fp:].norm()).clamp_min(1e-12))}
                  for i, j in itertools.combinations(range(len(cs)), 2)]
         result["kinds"][k] = {"fingerprint_dim": fp, "c_model_norm": [float(c.norm()) for c in cs], "pairs": pairs}
     result["wall_s"] = round(time.time() - t0, 1)
