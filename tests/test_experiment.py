@@ -184,3 +184,31 @@ def test_the_oracle_can_come_from_another_zoo_of_the_family(tiny_zoo, tiny_gener
     cfg = _config(tiny_zoo, tiny_generator_dir, tmp_path, methods=["oracle"], oracle_zoo=str(other))
     rows = run_experiment("o", cfg)["rows"]
     assert [r["task"] for r in rows] == ["sms-spam"]  # the other zoo has no movie-sentiment run
+
+
+def test_an_unseen_version_gets_the_stale_baselines_and_nearest_picks_a_training_version(tiny_zoo, tiny_generator_dir,
+                                                                                        tmp_path):
+    """A two-version family: t1 = tiny-llama + 2 steps of continued pretraining, with its own zoo runs. The generator
+    was trained on t0 only, so t1 is unseen: stale-t0 / stale-newest / stale-best are t0's LoRAs, nearest too."""
+    import shutil
+
+    from oral.evolve import evolve
+    from oral.finetune import train_lora
+
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text("\n\n".join(f"Paragraph {i}: the quick brown fox {i} jumps over {i * 7} lazy dogs." for i in range(60)))
+    t1 = evolve("tiny-llama", corpus, steps=2, out=tmp_path / "t1", lr=1e-3, batch_size=2, seq_len=32, warmup_steps=1,
+                progress=False)
+    zoo = tmp_path / "zoo"
+    shutil.copytree(tiny_zoo, zoo)
+    train_lora(str(t1), "sms-spam", rank=4, steps=4, keep=2, save_every=2, out_dir=zoo, seed=0, lr=2e-2, warmup_steps=1,
+               eval_limit=4, eval_base=False)
+    cfg = _config(zoo, tiny_generator_dir, tmp_path, versions=[0, 1], tasks=["sms-spam"], seeds=[0],
+                  methods=["oracle", "stale-t0", "stale-newest", "stale-best", "nearest", "generated"])
+    result = run_experiment("p", cfg)
+    assert result["versions"]["1"] == str(t1.resolve()) and result["training"]["versions"] == [0]
+    by = {(r["version"], r["method"]): r for r in result["rows"]}
+    assert {m for v, m in by if v == 0} == {"oracle", "nearest", "generated"}  # no stale rows on a training version
+    assert {m for v, m in by if v == 1} == {"oracle", "stale-t0", "stale-newest", "stale-best", "nearest", "generated"}
+    assert by[1, "stale-t0"]["from_version"] == by[1, "stale-best"]["from_version"] == by[1, "nearest"]["from_version"] == 0
+    assert by[1, "generated"]["base_inside"] is False and by[0, "generated"]["base_inside"] is True
