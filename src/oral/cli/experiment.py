@@ -11,10 +11,10 @@ def add_parser(sub) -> None:
             "exp-NAME.png. Generated adapters and scores are cached: a rerun measures only what is new."
         ),
     )
-    p.add_argument("words", nargs="+", metavar="NAME [key=value ...]",
-                   help="the experiment's name (its files are exp-NAME.*), then config overrides (e.g. limit=50 seeds=[0])")
+    p.add_argument("name", metavar="NAME", help="the experiment's name (its files are exp-NAME.*)")
+    p.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides (e.g. limit=50 seeds=[0])")
     p.add_argument("--config", help="experiment config YAML (configs/exp-*.yaml)")
-    p.set_defaults(func=run, extra_words="words")
+    p.set_defaults(func=run, extra_words="overrides")
 
 
 def run(args) -> int:
@@ -22,7 +22,7 @@ def run(args) -> int:
     from oral.experiments.runner import ExperimentConfig, format_table, run_experiment
     from oral.paths import expand_path
 
-    name, *overrides = args.words
+    name, overrides = args.name, args.overrides
     if "=" in name:
         raise ValueError(f"the first word must be the experiment's name, not the override {name!r}: "
                          f"oral experiment NAME --config configs/exp-NAME.yaml [key=value ...]")
