@@ -287,10 +287,11 @@ def test_the_default_guidance_is_the_one_recorded_with_the_generator(gen_dir, tm
     from oral.lora import read_provenance
 
     assert Generator.from_pretrained(gen_dir, device="cpu").default_guidance == 1.0
-    out = bundle_generator(gen_dir, tmp_path / "b", sampling={"guidance": 2.5, "chosen_by": "validation"})
+    assert Generator.from_pretrained(gen_dir, device="cpu").default_steps == 60
+    out = bundle_generator(gen_dir, tmp_path / "b", sampling={"guidance": 2.5, "steps": 3, "chosen_by": "validation"})
     gen = Generator.from_pretrained(out, device="cpu")
-    assert gen.default_guidance == 2.5
-    (path,) = generate_adapters(gen, "tiny-llama", "spam filter", tmp_path / "a", steps=2)
-    assert read_provenance(path)["guidance"] == 2.5
+    assert gen.default_guidance == 2.5 and gen.default_steps == 3
+    (path,) = generate_adapters(gen, "tiny-llama", "spam filter", tmp_path / "a")
+    assert read_provenance(path)["guidance"] == 2.5 and read_provenance(path)["steps"] == 3
     (path,) = generate_adapters(gen, "tiny-llama", "spam filter", tmp_path / "c", steps=2, guidance=1.0)
     assert read_provenance(path)["guidance"] == 1.0

@@ -98,7 +98,7 @@ def _slug(text: str) -> str:
 
 
 def run_demo(prompt: str | None = None, task: str | None = None, generator: str | Path | None = None,
-             base: str = "smollm2-135m", seed: int = 0, limit: int | None = 200, steps: int = 60,
+             base: str = "smollm2-135m", seed: int = 0, limit: int | None = 200, steps: int | None = None,
              out: str | Path | None = None, from_scratch: bool = False) -> dict[str, Any]:
     """Generate an adapter from `prompt` and score base, prompt-in-context and adapter on the task.
 

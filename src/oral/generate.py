@@ -195,6 +195,12 @@ class Generator:
         (`sampling.guidance`, chosen on validation when it was bundled), else 1 (no guidance)."""
         return float(self.config.get("sampling", {}).get("guidance", 1.0))
 
+    @property
+    def default_steps(self) -> int:
+        """The number of sampling steps used when none is given: recorded with the generator (`sampling.steps`,
+        chosen on validation when it was bundled), else 60."""
+        return int(self.config.get("sampling", {}).get("steps", 60))
+
     # --- what it knows ---------------------------------------------------------
 
     def nearest_descriptions(self, prompt: str, k: int = 3) -> list[dict]:
@@ -337,7 +343,7 @@ class Generator:
                 return pred_null + guidance * (pred_cond - pred_null)
         return denoise
 
-    def generate(self, base: str, prompt: str, seed: int = 0, steps: int = 60, guidance: float | None = None,
+    def generate(self, base: str, prompt: str, seed: int = 0, steps: int | None = None, guidance: float | None = None,
                  sampler: str = "ddim", eta: float = 0.0, rank: int | None = None,
                  base_model: torch.nn.Module | None = None, c_model: torch.Tensor | None = None) -> tuple:
         """(base, prompt) -> (spec, state): a LoRA adapter for `base` as a PEFT-keyed state dict.
@@ -345,9 +351,10 @@ class Generator:
         base: an embedded name, local dir or hub id (its architecture must be one the generator
         learned). base_model: the loaded base, to skip loading it for the fingerprint. c_model: a
         model condition to use instead of the base's own (the ablations of `oral experiment`).
-        guidance: None = `default_guidance`.
+        guidance, steps: None = `default_guidance`, `default_steps`.
         """
         guidance = self.default_guidance if guidance is None else guidance
+        steps = self.default_steps if steps is None else steps
         if not prompt or not prompt.strip():
             raise GenerationError("the prompt is empty: describe the task the adapter should do")
         known = self.familiarity(prompt)
@@ -450,7 +457,8 @@ def generator_card(gen: str | Path, scores: dict | None = None, sampling: dict |
     ]
     if sampling:
         lines += ["", "## Sampling", "",
-                  f"`oral generate` uses classifier-free guidance {sampling['guidance']:g} unless told otherwise"
+                  f"`oral generate` uses classifier-free guidance {sampling['guidance']:g}"
+                  + (f" and {sampling['steps']} DDIM steps" if sampling.get("steps") else "") + " unless told otherwise"
                   + (f" ({sampling['chosen_by']})" if sampling.get("chosen_by") else "") + "."]
     if scores:
         lines += ["", "## Measured on held-out descriptions (test split)", "",
@@ -537,7 +545,7 @@ def generate_adapters(
     out: str | Path,
     seed: int = 0,
     num: int = 1,
-    steps: int = 60,
+    steps: int | None = None,
     guidance: float | None = None,
     sampler: str = "ddim",
     eta: float = 0.0,
@@ -546,12 +554,13 @@ def generate_adapters(
     device: str = "auto",
 ) -> list[Path]:
     """Write `num` validated PEFT adapter dirs (generator None: the bundled one): OUT itself for num=1, else OUT/seed-<s> for seeds
-    seed, seed+1, ... Each dir records its provenance (generator, prompt, seed, zoo manifest hash). guidance None:
-    the generator's `default_guidance`."""
+    seed, seed+1, ... Each dir records its provenance (generator, prompt, seed, zoo manifest hash). guidance, steps
+    None: the generator's `default_guidance`, `default_steps`."""
     if num < 1:
         raise GenerationError(f"num must be >= 1, got {num}")
     gen = generator if isinstance(generator, Generator) else Generator.from_pretrained(generator, device=device)
     guidance = gen.default_guidance if guidance is None else guidance
+    steps = gen.default_steps if steps is None else steps
     out = Path(out)
     group = gen.layout_for(base, rank)  # a base the generator does not know fails before its weights load
     # The base's weights load only when needed: to fingerprint it for the provenance (once, then cached) or to

@@ -131,7 +131,7 @@ class AdapterRequest(BaseModel):
     prompt: str
     seed: int = 0
     guidance: float | None = None  # None: the generator's recommended scale (Generator.default_guidance)
-    steps: int = 60
+    steps: int | None = None  # None: the generator's recommended number (Generator.default_steps)
 
 
 class TryRequest(BaseModel):
@@ -293,8 +293,9 @@ class Service:
             raise ServeError(400, "the prompt is empty: describe the task the adapter should do")
         if len(req.prompt) > lim.max_prompt_chars:
             raise ServeError(400, f"the prompt has {len(req.prompt)} characters; the limit is {lim.max_prompt_chars}")
-        if not 1 <= req.steps <= lim.max_steps:
-            raise ServeError(400, f"steps must be in 1..{lim.max_steps}, got {req.steps}")
+        steps = self.generator.default_steps if req.steps is None else req.steps
+        if not 1 <= steps <= lim.max_steps:
+            raise ServeError(400, f"steps must be in 1..{lim.max_steps}, got {steps}")
         guidance = self.generator.default_guidance if req.guidance is None else req.guidance
         if not 0.0 <= guidance <= lim.max_guidance:
             raise ServeError(400, f"guidance must be in 0..{lim.max_guidance}, got {guidance}")
@@ -303,9 +304,9 @@ class Service:
         with self.lock:
             # c_model was cached at start, so the generator needs no weights here; save_adapter
             # checks the adapter against the base's config, then writes it atomically.
-            spec, state = self.generator.generate(base.name, req.prompt, seed=req.seed, steps=req.steps,
+            spec, state = self.generator.generate(base.name, req.prompt, seed=req.seed, steps=steps,
                                                   guidance=guidance)
-        provenance = {**self.generator.provenance(base.name, req.prompt, req.seed, req.steps, guidance,
+        provenance = {**self.generator.provenance(base.name, req.prompt, req.seed, steps, guidance,
                                                   "ddim", 0.0), "source": "oral serve"}
         adapter_id, path = self.store.new_path()
         save_adapter(path, spec, state, provenance=provenance, base_model=base.model.config)

@@ -16,7 +16,8 @@ def add_parser(sub) -> None:
     p.add_argument("--prompt", required=True, help="what the adapter should do, in words")
     p.add_argument("--out", required=True, help="output adapter dir")
     p.add_argument("--seed", type=int, default=0, help="sampling seed (default 0)")
-    p.add_argument("--steps", type=int, default=60, help="denoising steps (default 60)")
+    p.add_argument("--steps", type=int, default=None,
+                   help="denoising steps (default: the generator's recommended number, else 60)")
     p.add_argument("--guidance", type=float, default=None,
                    help="classifier-free guidance scale (1 = off; default: the generator's recommended scale, "
                         "chosen on validation for the bundled one)")

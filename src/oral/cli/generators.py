@@ -15,7 +15,9 @@ def add_parser(sub) -> None:
     p.add_argument("--scores", help="with --bundle: its `oral compare --json-out` result, for the model card")
     p.add_argument("--guidance", type=float, help="with --bundle: the guidance scale `oral generate` uses by default "
                                                   "(choose it on validation: `oral experiment seen`, generated-cfg)")
-    p.add_argument("--guidance-note", default="", help="with --guidance: how it was chosen, recorded beside it")
+    p.add_argument("--steps", type=int, help="with --bundle: the DDIM steps `oral generate` uses by default "
+                                             "(choose them on validation too)")
+    p.add_argument("--guidance-note", default="", help="with --guidance / --steps: how they were chosen, recorded beside them")
     p.add_argument("--json", action="store_true", help="print JSON")
     p.set_defaults(func=run)
 
@@ -30,6 +32,8 @@ def run(args) -> int:
     if args.bundle:
         scores = read_json(Path(args.scores), "run `oral compare ... --json-out` again") if args.scores else None
         sampling = {"guidance": args.guidance, "chosen_by": args.guidance_note} if args.guidance is not None else None
+        if args.steps is not None:
+            sampling = {**(sampling or {"guidance": 1.0}), "steps": args.steps}
         card = generator_card(args.bundle, scores, sampling)
         print(f"bundled {bundle_generator(args.bundle, card=card, sampling=sampling)}")
         return 0
