@@ -201,6 +201,11 @@ class Generator:
         chosen on validation when it was bundled), else 60."""
         return int(self.config.get("sampling", {}).get("steps", 60))
 
+    def sampling(self, steps: int | None, guidance: float | None) -> tuple[int, float]:
+        """(steps, guidance) as asked, each None replaced by the generator's default."""
+        return (self.default_steps if steps is None else steps,
+                self.default_guidance if guidance is None else guidance)
+
     # --- what it knows ---------------------------------------------------------
 
     def nearest_descriptions(self, prompt: str, k: int = 3) -> list[dict]:
@@ -353,8 +358,7 @@ class Generator:
         model condition to use instead of the base's own (the ablations of `oral experiment`).
         guidance, steps: None = `default_guidance`, `default_steps`.
         """
-        guidance = self.default_guidance if guidance is None else guidance
-        steps = self.default_steps if steps is None else steps
+        steps, guidance = self.sampling(steps, guidance)
         if not prompt or not prompt.strip():
             raise GenerationError("the prompt is empty: describe the task the adapter should do")
         known = self.familiarity(prompt)
@@ -559,8 +563,7 @@ def generate_adapters(
     if num < 1:
         raise GenerationError(f"num must be >= 1, got {num}")
     gen = generator if isinstance(generator, Generator) else Generator.from_pretrained(generator, device=device)
-    guidance = gen.default_guidance if guidance is None else guidance
-    steps = gen.default_steps if steps is None else steps
+    steps, guidance = gen.sampling(steps, guidance)
     out = Path(out)
     group = gen.layout_for(base, rank)  # a base the generator does not know fails before its weights load
     # The base's weights load only when needed: to fingerprint it for the provenance (once, then cached) or to

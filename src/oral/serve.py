@@ -293,10 +293,9 @@ class Service:
             raise ServeError(400, "the prompt is empty: describe the task the adapter should do")
         if len(req.prompt) > lim.max_prompt_chars:
             raise ServeError(400, f"the prompt has {len(req.prompt)} characters; the limit is {lim.max_prompt_chars}")
-        steps = self.generator.default_steps if req.steps is None else req.steps
+        steps, guidance = self.generator.sampling(req.steps, req.guidance)
         if not 1 <= steps <= lim.max_steps:
             raise ServeError(400, f"steps must be in 1..{lim.max_steps}, got {steps}")
-        guidance = self.generator.default_guidance if req.guidance is None else req.guidance
         if not 0.0 <= guidance <= lim.max_guidance:
             raise ServeError(400, f"guidance must be in 0..{lim.max_guidance}, got {guidance}")
         if not 0 <= req.seed < 2**32:

@@ -30,7 +30,7 @@ from transformers import AutoModelForCausalLM
 from oral.gauge import delta_weight, factorize
 from oral.lora import LoraSpec, load_adapter, with_base
 from oral.models import base_id
-from oral.zoo import Zoo
+from oral.zoo import Zoo, matching
 
 GENERATED = ("generated", "generated-cfg", "random-text", "random-model", "no-fingerprint")
 BASELINES = ("base", "oracle", "stale-t0", "stale-newest", "stale-best", "nearest", "mean", "hypernet", "in-prompt")
@@ -64,6 +64,7 @@ class ZooAdapters:
         self.zoo = zoo
         self.rank, self.seed = rank, seed
         rows = zoo.summary(rank=rank, seed=seed)
+        self.records = zoo.records(rank=rank, seed=seed)  # the manifest read once: every kept checkpoint of its runs
         root = base_id(root)
         self.versions: dict[int, str] = {}
         self.runs: dict[tuple[int, str], str] = {}  # (version, task) -> run_id
@@ -94,13 +95,13 @@ class ZooAdapters:
         run = self.runs.get((version, task))
         if run is None:
             return None
-        (rec,) = self.zoo.records(run_id=run, final=True)
+        (rec,) = matching(self.records, {"run_id": run, "final": True})
         return self.load(rec)
 
     def checkpoints(self, versions: set[int], tasks: set[str]) -> list[tuple[dict, LoraSpec, dict]]:
         """Every kept checkpoint of the runs on `versions` x `tasks`: (record, spec, state)."""
         runs = {run for (v, t), run in self.runs.items() if v in versions and t in tasks}
-        return [(r, *self.load(r)) for r in self.zoo.records(run_id=runs)] if runs else []
+        return [(r, *self.load(r)) for r in matching(self.records, {"run_id": runs})] if runs else []
 
 
 def mean_adapter(adapters: list[tuple[LoraSpec, dict]]) -> tuple[LoraSpec, dict[str, torch.Tensor]]:

@@ -143,6 +143,21 @@ class Experiment:
             raise ExperimentError(f"the zoo {zoo.root} has no runs on version(s) {missing} of {cfg.root} (it has "
                                   f"{sorted(self.bases)}); build them with `oral zoo --config configs/zoo-full.yaml`")
         self.tasks = cfg.tasks or self.train_tasks
+        self._groups: dict[str, int] = {}
+        self._pool: list | None = None
+        self._hypernets: dict[int, Hypernet] = {}
+
+    def group(self, base: str) -> int:
+        """The generator's layout for `base` at the experiment's rank, looked up once per base."""
+        if base not in self._groups:
+            self._groups[base] = self.gen.layout_for(base, self.cfg.rank)
+        return self._groups[base]
+
+    def pool(self) -> list[tuple[dict, Any, dict]]:
+        """Every kept checkpoint of the generator's training runs: (record, spec, state), read once."""
+        if self._pool is None:
+            self._pool = self.zoo.checkpoints(set(self.train_versions), set(self.train_tasks))
+        return self._pool
 
     def _generator_id(self) -> str:
         h = hashlib.sha256((self.gen.path / "model.safetensors").read_bytes()).hexdigest()[:16]
@@ -184,7 +199,7 @@ class Experiment:
                     spec, state = mean_adapter(found)
                     yield Candidate(method, spec=with_base_spec(spec, base), state=state, info={"of": len(found)})
             elif method == "hypernet":
-                group = self.gen.layout_for(base, cfg.rank)
+                group = self.group(base)
                 net = self.hypernet(group)
                 c_model = self.gen.model_condition(base, group, model)
                 for d in descriptions:
@@ -200,11 +215,11 @@ class Experiment:
                     for s in cfg.seeds:
                         yield self._generate(method, base, d, s, model, prompt=gibberish(d, s))
             elif method == "random-model":
-                group = self.gen.layout_for(base, cfg.rank)
+                group = self.group(base)
                 c = random_base_condition(self.gen, group, model)
                 yield from self._generated(method, base, descriptions, model, c_model=c)
             elif method == "no-fingerprint":
-                group = self.gen.layout_for(base, cfg.rank)
+                group = self.group(base)
                 c = without_fingerprint(self.gen, self.gen.model_condition(base, group, model))
                 if c is not None:
                     yield from self._generated(method, base, descriptions, model, c_model=c)
@@ -216,7 +231,7 @@ class Experiment:
     def _nearest(self, base: str, description: str, model: torch.nn.Module) -> Candidate:
         """Retrieval: the training version whose c_model is nearest the base's, then the training task
         whose description is nearest the request's; its zoo adapter as is."""
-        group = self.gen.layout_for(base, self.cfg.rank)
+        group = self.group(base)
         c = self.gen.model_condition(base, group, model)
         dist = {v: float((self.gen.model_condition(self.zoo.versions[v], group) - c).norm()) for v in self.train_versions}
         version = min(dist, key=dist.get)
@@ -226,7 +241,13 @@ class Experiment:
                          info={"from_version": version, "from_task": near["task"], "similarity": near["similarity"]})
 
     def hypernet(self, group: int) -> Hypernet:
-        """The hypernetwork baseline trained on the generator's training checkpoints and conditions (cached)."""
+        """The hypernetwork baseline trained on the generator's training checkpoints and conditions (cached on
+        disk, and in memory once loaded)."""
+        if group not in self._hypernets:
+            self._hypernets[group] = self._load_or_train_hypernet(group)
+        return self._hypernets[group]
+
+    def _load_or_train_hypernet(self, group: int) -> Hypernet:
         cfg = self.cfg.hypernet
         key = {"generator": self.gen_id, "group": group, "zoo": hashlib.sha256(self.zoo.zoo.manifest.read_bytes()).hexdigest()[:16],
                "versions": self.train_versions, "tasks": self.train_tasks, "rank": self.cfg.rank,
@@ -237,7 +258,7 @@ class Experiment:
         tasks = self.gen.config["conditions"]["tasks"]
         texts = {t: list(self.gen.conditions.text_condition(tasks[t]["descriptions"])) for t in self.train_tasks}
         samples = [(state, self.gen.model_condition(self.zoo.versions[len(rec.get("lineage") or [])], group), texts[rec["task"]])
-                   for rec, _, state in self.zoo.checkpoints(set(self.train_versions), set(self.train_tasks))]
+                   for rec, _, state in self.pool()]
         if not samples:
             raise ExperimentError(f"the zoo {self.zoo.zoo.root} has no checkpoints of the generator's training runs "
                                   f"to train the hypernet baseline on")
@@ -270,7 +291,7 @@ class Experiment:
                                             rank=self.cfg.rank, base_model=model, c_model=c_model)
             save_adapter(path, spec, state, provenance={"source": "oral experiment", **key}, overwrite=True)
         familiar = self.gen.familiarity(prompt)["familiar"]
-        inside = self.gen.base_familiarity(base, self.gen.layout_for(base, self.cfg.rank), model)["inside"]
+        inside = self.gen.base_familiarity(base, self.group(base), model)["inside"]
         return Candidate(method, description, seed, spec, state,
                          info={"guidance": guidance, "steps": steps, "familiar": familiar, "base_inside": inside,
                                "adapter": str(path)})
@@ -301,7 +322,7 @@ class Experiment:
         """Distances of the candidate's update to the nearest adapter of the generator's training zoo
         (every kept checkpoint); the oracle's own run is left out of its pool, and its distance to the
         nearest other checkpoint of that run (the zoo's own spread along one run) is a row of its own."""
-        pool = self.zoo.checkpoints(set(self.train_versions), set(self.train_tasks))
+        pool = self.pool()
         extra = []
         if cand.method == "oracle":
             own = self.oracle_zoo.runs.get((version, task))
