@@ -7,7 +7,7 @@ import torch
 from peft import LoraConfig, get_peft_model, get_peft_model_state_dict
 
 from oral.cli import main
-from oral.evaluate import IGNORE_INDEX, Evaluator, encode_example
+from oral.evaluate import IGNORE_INDEX, Evaluator, ScoreCache, encode_example
 from oral.models import load_base, load_tokenizer
 from oral.tasks import SplitSizes, Task, get_task
 
@@ -235,3 +235,16 @@ def test_smollm2_movie_sentiment_200_under_a_minute():
     assert time.perf_counter() - t0 < 60
     assert r["n"] == 200 and 0.55 <= r["value"] <= 0.9  # well above a coin flip, below a tuned adapter
     assert ev.evaluate("movie-sentiment", limit=200) == r
+
+
+def test_score_cache_measures_once_and_merges_what_another_process_wrote(tmp_path):
+    path = tmp_path / "scores.json"
+    a, b = ScoreCache(path), ScoreCache(path)  # two processes sharing the file
+    calls = []
+    assert a.get({"task": "x"}, lambda: calls.append("x") or {"value": 1.0}) == {"value": 1.0}
+    assert b.get({"task": "y"}, lambda: calls.append("y") or {"value": 2.0}) == {"value": 2.0}
+    assert a.get({"task": "x"}, lambda: calls.append("again") or {}) == {"value": 1.0}
+    assert calls == ["x", "y"]
+    on_disk = json.loads(path.read_text())
+    assert sorted(json.loads(k)["task"] for k in on_disk) == ["x", "y"]  # b kept a's score
+    assert {"task": "y"} in ScoreCache(path)

@@ -20,7 +20,7 @@ from typing import Any, Callable, Iterator
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from oral.io import atomic_write_json, read_json
+from oral.io import atomic_write_json, file_lock, read_json
 from oral.lora import load_adapter
 from oral.models import load_base
 from oral.progress import progress_bar
@@ -293,12 +293,17 @@ class Evaluator:
 
 class ScoreCache:
     """Scores kept in one JSON file, keyed by what determines them (adapter digest or None for the bare
-    base, base, task, split, limit, instruction ...): `get(key, measure)` measures only what is new."""
+    base, base, task, split, limit, instruction ...): `get(key, measure)` measures only what is new.
+
+    Processes may share the file (e.g. one experiment per version): each new score is merged into what
+    is on disk under a lock, so no process overwrites another's scores."""
 
     def __init__(self, path: Path):
         self.path = Path(path)
-        self.scores: dict[str, dict] = read_json(self.path, f"delete {self.path}; scores are measured again") \
-            if self.path.is_file() else {}
+        self.scores: dict[str, dict] = self._read()
+
+    def _read(self) -> dict[str, dict]:
+        return read_json(self.path, f"delete {self.path}; scores are measured again") if self.path.is_file() else {}
 
     def __contains__(self, key: dict) -> bool:
         return json.dumps(key, sort_keys=True) in self.scores
@@ -306,6 +311,8 @@ class ScoreCache:
     def get(self, key: dict, measure: Callable[[], dict]) -> dict:
         k = json.dumps(key, sort_keys=True)
         if k not in self.scores:
-            self.scores[k] = measure()
-            atomic_write_json(self.path, self.scores)
+            value = measure()
+            with file_lock(self.path.with_name(self.path.name + ".lock")):
+                self.scores = {**self._read(), **self.scores, k: value}
+                atomic_write_json(self.path, self.scores)
         return self.scores[k]
