@@ -143,3 +143,23 @@ def test_a_cached_base_fingerprint_skips_loading_the_base_and_gives_the_same_ada
     assert all(torch.equal(ta[k], tb[k]) for k in ta)
     (base / "config.json").touch()  # a changed file is another base: computed again
     assert generate.base_fingerprint(str(base)) is None
+
+
+def test_time_to_adapter_times_both_ways_and_finds_the_first_checkpoint_that_gets_there(tiny_generator_dir, tmp_path):
+    from oral.bench_time import TimeToAdapterError, plot_time_to_adapter, time_to_adapter
+
+    r = time_to_adapter("sms-spam", tiny_generator_dir, limit=8, val_limit=8, sampling_steps=(2,), ddpm_steps=3,
+                        finetune_steps=4, every=2, progress=False)
+    default = r["steps"]
+    assert [(x["sampler"], x["steps"]) for x in r["sampling"]] == [("ddim", s) for s in sorted({2, default})] + [("ddpm", 3)]
+    assert r["accuracy"] == next(x["accuracy"] for x in r["sampling"] if (x["sampler"], x["steps"]) == ("ddim", default))
+    assert [x["step"] for x in r["finetune"]] == [2, 4]
+    assert 0 < r["finetune"][0]["wall_s"] <= r["finetune"][1]["wall_s"]
+    first = next((x for x in r["finetune"] if x["accuracy"] >= r["accuracy"] - r["tolerance"]), None)
+    assert r["reached"] == (first is not None)
+    assert r["finetune_s"] == (first or r["finetune"][-1])["wall_s"]
+    assert r["ratio"] == round(r["finetune_s"] / r["generate_s"], 1) and r["generate_s"] > 0
+    assert r["chosen_steps"] in {x["steps"] for x in r["sampling"] if x["sampler"] == "ddim"}
+    assert plot_time_to_adapter(r)[:8] == b"\x89PNG\r\n\x1a\n"
+    with pytest.raises(TimeToAdapterError, match="not trained on 'trec-question'"):
+        time_to_adapter("trec-question", tiny_generator_dir)
