@@ -4,8 +4,9 @@
 #   bash scripts/generalization.sh                 # CPU
 #   DEVICE=cuda bash scripts/generalization.sh     # one GPU: the family and the zoo in minutes
 # 1) the family t0..t4 (configs/evolve-chain.yaml): measured here ~20 min a link on one CPU thread;
-# 2) the full zoo (configs/zoo-full.yaml): 80 runs, ~5.5 h of one CPU thread;
-# 3) the family generator (configs/generator-family.yaml): t0..t2, 8 tasks;
+# 2) the runs of the full zoo these experiments use (configs/zoo-family.yaml): 45 runs, ~2 min each on one
+#    idle CPU thread (RUNS=2 trains two at a time; the whole grid with the rank study: configs/zoo-full.yaml);
+# 3) the family generator (configs/generator-family.yaml): t0..t2, 7 tasks;
 # 4) the experiments with the family generator (seen, portability, unseen-task, ablation, memorization);
 #    the bundled generator's own experiments run with `oral experiment NAME --config configs/exp-NAME.yaml`.
 set -euo pipefail
@@ -18,7 +19,8 @@ ZOO=$HOME_DIR/zoos/full
 T0=$(date +%s)
 stamp() { echo "[$(( $(date +%s) - T0 )) s] $*"; }
 stamp "family";     oral evolve --chain --config configs/evolve-chain.yaml device="$DEVICE"
-stamp "full zoo";   oral zoo --config configs/zoo-full.yaml train.device="$DEVICE"
+stamp "zoo";        for _ in $(seq 2 "${RUNS:-1}"); do oral zoo --config configs/zoo-family.yaml train.device="$DEVICE" & done
+                    oral zoo --config configs/zoo-family.yaml train.device="$DEVICE"; wait
 stamp "generator";  oral train --zoo "$ZOO" --out "$GEN" --config configs/generator-family.yaml device="$DEVICE"
 FAMILY="generator=$GEN zoo=$ZOO"
 stamp "seen";        oral experiment family-seen --config configs/exp-seen.yaml $FAMILY versions=[0,1,2] tasks=[]
