@@ -25,6 +25,19 @@ def test_shipped_configs_give_the_published_7b_layouts(name, targets, rank, para
     assert spec.modules[0].rank == rank and spec.lora_config().lora_alpha == 2 * rank
 
 
+def test_stable_diffusion_unet_layout_from_its_diffusers_config():
+    from oral.bench import default_targets
+
+    # 16 transformer blocks (down 3 x 2, mid 1, up 3 x 3), each with self-attention (q, k, v, out: C -> C) and
+    # cross-attention (k, v: 1024 -> C): r * (56 C + 2 * 1024) per block at r=4, summed over the blocks' widths C
+    widths = [320] * 2 + [640] * 2 + [1280] * 2 + [1280] + [1280] * 3 + [640] * 3 + [320] * 3
+    spec = bench_spec("sd-2.1-unet", default_targets("sd-2.1-unet"), 4)
+    assert (spec.num_params, len(spec)) == (sum(4 * (14 * c + 2048) for c in widths), 128)
+    assert {m.name.rsplit(".", 2)[-2] if m.name.endswith("to_out.0") else m.name.rsplit(".", 1)[-1]
+            for m in spec.modules} == {"to_q", "to_k", "to_v", "to_out"}
+    assert default_targets("mistral-7b") == ["q_proj", "v_proj"]
+
+
 def test_model_configs_are_shipped_by_name_and_read_from_a_path(tmp_path):
     assert {"mistral-7b", "llama-3.1-8b", "qwen2.5-7b"} <= set(shipped_model_configs())
     cfg = model_config("qwen2.5-7b")

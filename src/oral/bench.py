@@ -71,6 +71,12 @@ def bench_spec(name: str | Path, targets: str | list[str] = ("q_proj", "v_proj")
     return LoraSpec.from_base_config(model_config(name), targets, rank, 2 * rank if alpha is None else alpha)
 
 
+def default_targets(name: str | Path) -> str | list[str]:
+    """The usual LoRA targets of a base: the attention projections of a diffusers UNet (to_q, to_k, to_v,
+    to_out.0, as diffusers' LoRA trainers adapt them), else q_proj and v_proj."""
+    return ["to_q", "to_k", "to_v", "to_out.0"] if "_class_name" in model_config(name) else ["q_proj", "v_proj"]
+
+
 def default_preset(spec: LoraSpec) -> str:
     """The generator preset used for a layout: "smol" (768-value tokens, the shipped generator's) when
     every tensor fills whole 768-value tokens, as SmolLM2-135M's r=4 q,v tensors do; else "small"
@@ -115,7 +121,7 @@ def bench_generator(spec: LoraSpec, base: str, preset: str | None = None, seed: 
     tokenizer = WeightTokenizer(spec, GENERATOR_PRESETS[preset].get("token_size", GeneratorConfig.token_size))
     tokenizer.fit([RandomLoraState(spec, seed)])
     encoder = get_text_encoder(conditions.text_encoder)  # the one the Generator's ConditionEncoder shares
-    parts = [encoder.encode([model_metadata(load_base_config(base))])[0]] if conditions.model_text else []
+    parts = [encoder.encode([_metadata(base)])[0]] if conditions.model_text else []
     parts.append(torch.randn(conditions.fingerprint_dim, generator=torch.Generator().manual_seed(seed)))
     c_model = torch.cat(parts)  # (Cm,)
     torch.manual_seed(seed)
@@ -132,8 +138,25 @@ def bench_generator(spec: LoraSpec, base: str, preset: str | None = None, seed: 
                     "bases": [base]}],
         "zoos": [],
     }
-    return Generator(Path(f"untrained-{preset}"), config, net, [tokenizer], {(0, base_id(base)): c_model},
-                     torch.device(device))
+    return BenchGenerator(Path(f"untrained-{preset}"), config, net, [tokenizer], {(0, base_id(base)): c_model},
+                          torch.device(device))
+
+
+class BenchGenerator(Generator):
+    """The benchmark's generator: it has one layout, built for its base from that base's config, which may
+    be a diffusers model's (a Stable Diffusion UNet) that `Generator.layout_for` cannot read."""
+
+    def layout_for(self, base: str, rank: int | None = None) -> int:
+        return 0
+
+
+def _metadata(base: str) -> str:
+    """The metadata sentence of c_model for a base dir holding its config.json (transformers or diffusers)."""
+    config = json.loads((Path(base) / "config.json").read_text())
+    if "_class_name" in config:
+        return (f"{config['_class_name']} (diffusers), block channels {config.get('block_out_channels')}, "
+                f"cross-attention dim {config.get('cross_attention_dim')}")
+    return model_metadata(load_base_config(base))
 
 
 # -----------------------------------------------------------------------------

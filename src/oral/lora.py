@@ -188,13 +188,20 @@ class LoraSpec:
     ) -> "LoraSpec":
         """A spec from a model config alone: the model is built on the meta device (no weights).
 
-        `config` is a transformers config or its dict (with `model_type`). Target modules and the
-        rank / alpha patterns match module paths exactly as PEFT matches them.
+        `config` is a transformers config or its dict (with `model_type`), or a diffusers model's
+        config dict (with `_class_name`, e.g. a Stable Diffusion UNet's unet/config.json). Target
+        modules and the rank / alpha patterns match module paths exactly as PEFT matches them.
         """
+        if isinstance(config, Mapping) and "_class_name" in config:
+            model = diffusers_model_on_meta(config)
+            return spec_for_model(model, target_modules, rank, alpha, rank_pattern=rank_pattern,
+                                  alpha_pattern=alpha_pattern, use_rslora=use_rslora,
+                                  base_model_name_or_path=base_model_name_or_path)
         if isinstance(config, Mapping):
             d = dict(config)
             if "model_type" not in d:
-                raise AdapterError("a config dict needs a `model_type` (e.g. 'mistral', 'llama')")
+                raise AdapterError("a config dict needs a `model_type` (e.g. 'mistral', 'llama') or, for a diffusers "
+                                   "model, a `_class_name` (e.g. 'UNet2DConditionModel')")
             config = AutoConfig.for_model(d.pop("model_type"), **d)
         with torch.device("meta"):
             model = AutoModelForCausalLM.from_config(config)
@@ -303,6 +310,19 @@ def _linear_shapes(model: torch.nn.Module) -> dict[str, tuple[int, int]]:
             elif hasattr(base, "nx"):  # transformers Conv1D stores (in, out) as weight shape
                 out[name] = tuple(base.weight.shape)
     return out
+
+
+def diffusers_model_on_meta(config: Mapping[str, Any]) -> torch.nn.Module:
+    """A diffusers model (UNet2DConditionModel, ...) built from its config dict on the meta device."""
+    import diffusers
+
+    name = config["_class_name"]
+    cls = getattr(diffusers, name, None)
+    if cls is None or not hasattr(cls, "from_config"):
+        raise AdapterError(f"diffusers has no model class {name!r} (the config's _class_name); give a diffusers "
+                           f"model config such as a Stable Diffusion unet/config.json")
+    with torch.device("meta"):
+        return cls.from_config(dict(config))
 
 
 def spec_for_model(

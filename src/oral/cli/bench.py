@@ -12,13 +12,15 @@ def add_parser(sub) -> None:
             "[--preset P] [--steps S] [--json]: an untrained generator of the preset that layout would use "
             "makes one adapter on the path of `oral generate` (conditions, prototypes, sampling, decoding, "
             "validation, the PEFT dir written); prints its time and peak memory. Shipped configs: "
-            "mistral-7b, llama-3.1-8b, qwen2.5-7b; any embedded name or local model dir works too."
+            "mistral-7b, llama-3.1-8b, qwen2.5-7b, sd-2.1-unet (Stable Diffusion 2.1's UNet, a diffusers config); "
+            "any embedded name or local model dir works too."
         ),
     )
     bench = p.add_subparsers(dest="bench", required=True)
     g = bench.add_parser("generate", help="time one adapter made end to end", formatter_class=HelpFormatter)
     g.add_argument("--spec", default="smollm2-135m", help="model config: shipped name, CONFIG.json, embedded name or dir")
-    g.add_argument("--targets", default="q_proj,v_proj", help="comma-separated module names, or all-linear")
+    g.add_argument("--targets", help="comma-separated module names, or all-linear (default: q_proj,v_proj; "
+                                     "to_q,to_k,to_v,to_out.0 for a diffusers UNet)")
     g.add_argument("--rank", type=int, default=4, help="LoRA rank")
     g.add_argument("--preset", help="generator preset (default: the one this layout would use)")
     g.add_argument("--steps", type=int, default=60, help="denoising steps")
@@ -60,12 +62,13 @@ def run(args) -> int:
 
     import torch
 
-    from oral.bench import bench_generate
+    from oral.bench import bench_generate, default_targets
 
     if args.bench == "time-to-adapter":
         return run_time_to_adapter(args)
 
-    targets = args.targets if args.targets == "all-linear" else [t for t in args.targets.split(",") if t]
+    targets = default_targets(args.spec) if args.targets is None else \
+        args.targets if args.targets == "all-linear" else [t for t in args.targets.split(",") if t]
     r = bench_generate(args.spec, targets, args.rank, preset=args.preset, steps=args.steps, sampler=args.sampler,
                        seed=args.seed, out=args.out, device=args.device, chunk=args.chunk,
                        autocast=torch.bfloat16 if args.bf16 else None)
