@@ -212,3 +212,14 @@ def test_an_unseen_version_gets_the_stale_baselines_and_nearest_picks_a_training
     assert {m for v, m in by if v == 1} == {"oracle", "stale-t0", "stale-newest", "stale-best", "nearest", "generated"}
     assert by[1, "stale-t0"]["from_version"] == by[1, "stale-best"]["from_version"] == by[1, "nearest"]["from_version"] == 0
     assert by[1, "generated"]["base_inside"] is False and by[0, "generated"]["base_inside"] is True
+
+
+def test_the_bar_counts_cells_where_generated_clears_each_reference():
+    from oral.experiments.runner import bar_lines
+
+    table = {(3, "a"): {"generated": [0.80, 0.82], "oracle": [0.815], "stale-t0": [0.81], "nearest": [0.81]},
+             (3, "b"): {"generated": [0.50], "oracle": [0.70], "stale-t0": [0.40], "nearest": [0.50]}}
+    text = "\n".join(bar_lines("x", table))
+    # cell a: 0.81 >= 0.815 - 0.01 and ties stale-t0 and nearest (no win); cell b: 0.5 < 0.69, > 0.4, ties nearest
+    assert ">= oracle - 1 point: 1/2; > stale-t0: 1/2; > nearest: 0/2" in text
+    assert "generated-cfg" not in text and bar_lines("x", {(0, "a"): {"base": [0.5]}}) == []

@@ -427,7 +427,13 @@ def format_table(result: dict, metric: str | None = None) -> str:
                     mean, sd = _mean_sd(vals)
                     row.append(f"{mean:.3f}" + (f" +- {sd:.3f} ({len(vals)})" if len(vals) > 1 else ""))
             lines.append(f"| t{v} | {task} | " + " | ".join(row) + " |")
+        if len(table) > 1:
+            means = {c: [_mean_sd(by[c])[0] for by in table.values() if by.get(c)] for c in cols}
+            lines.append("| all | mean of the cells | " + " | ".join(
+                f"{statistics.fmean(means[c]):.3f} ({len(means[c])} cells)" if means[c] else "-" for c in cols) + " |")
         lines.append("")
+        if m is None:
+            lines += bar_lines(result["experiment"], table)
     asked = {}  # (version, task) -> [familiar, inside] of each distinct generated request
     for r in result["rows"]:
         if r["method"] == "generated" and "familiar" in r:
@@ -440,6 +446,29 @@ def format_table(result: dict, metric: str | None = None) -> str:
                          f"{sum(not i for _, i in reqs.values())} |")
         lines.append("")
     return "\n".join(lines)
+
+
+# The references a generated adapter is held against (the project's bar): (method, margin, wording).
+BAR = (("oracle", -0.01, ">= oracle - 1 point"), ("stale-t0", 0.0, "> stale-t0"), ("stale-newest", 0.0, "> stale-newest"),
+       ("stale-best", 0.0, "> stale-best"), ("nearest", 0.0, "> nearest"), ("mean", 0.0, "> mean"),
+       ("hypernet", 0.0, "> hypernet"), ("in-prompt", 0.0, "> in-prompt"), ("base", 0.0, "> base"))
+
+
+def bar_lines(name: str, table: dict[tuple[int, str], dict[str, list[float]]]) -> list[str]:
+    """Markdown: in how many cells the mean of `generated` (and of `generated-cfg`) clears each reference
+    method's mean (ties do not count, except against the oracle, which it may trail by a point)."""
+    lines = []
+    for method in ("generated", "generated-cfg"):
+        counts = []
+        for ref, margin, wording in BAR:
+            pairs = [(statistics.fmean(by[method]), statistics.fmean(by[ref])) for by in table.values()
+                     if by.get(method) and by.get(ref)]
+            if pairs:
+                won = sum(g >= r + margin if margin < 0 else g > r for g, r in pairs)
+                counts.append(f"{wording}: {won}/{len(pairs)}")
+        if counts:
+            lines.append(f"- `{method}`: " + "; ".join(counts))
+    return [f"### exp-{name}: cells where the generated mean clears each reference", "", *lines, ""] if lines else []
 
 
 def plot(result: dict) -> bytes | None:
