@@ -159,6 +159,11 @@ class Experiment:
             self._pool = self.zoo.checkpoints(set(self.train_versions), set(self.train_tasks))
         return self._pool
 
+    def _pool_id(self) -> str:
+        """The identity of the training checkpoints (runs and steps, not the rest of the zoo's manifest)."""
+        ids = sorted((rec["run_id"], rec["step"]) for rec, _, _ in self.pool())
+        return hashlib.sha256(json.dumps([str(self.zoo.zoo.root), ids]).encode()).hexdigest()[:16]
+
     def _generator_id(self) -> str:
         h = hashlib.sha256((self.gen.path / "model.safetensors").read_bytes()).hexdigest()[:16]
         return f"{self.gen.path.name}@{self.gen.config['step']}:{h}"
@@ -249,7 +254,12 @@ class Experiment:
 
     def _load_or_train_hypernet(self, group: int) -> Hypernet:
         cfg = self.cfg.hypernet
-        key = {"generator": self.gen_id, "group": group, "zoo": hashlib.sha256(self.zoo.zoo.manifest.read_bytes()).hexdigest()[:16],
+        # what the hypernet learns from: the generator's conditions (not its weights: any checkpoint of one
+        # generator run shares them), the layout, and the zoo's checkpoints
+        conditions = hashlib.sha256((self.gen.path / "conditions.safetensors").read_bytes()
+                                    + json.dumps([self.gen.config["conditions"], self.gen.config["groups"][group]["spec"]],
+                                                 sort_keys=True).encode()).hexdigest()[:16]
+        key = {"conditions": conditions, "group": group, "zoo": self._pool_id(),
                "versions": self.train_versions, "tasks": self.train_tasks, "rank": self.cfg.rank,
                "zoo_seed": self.cfg.zoo_seed, "config": dataclasses.asdict(cfg)}
         path = self.cache_dir / "hypernets" / hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:20]
