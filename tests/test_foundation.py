@@ -132,3 +132,23 @@ def test_jsonl_append_after_a_torn_line_keeps_the_new_record(tmp_path):
         f.write('{"a": 2')  # a writer killed mid-line
     append_jsonl(path, {"a": 3})
     assert read_jsonl(path) == [{"a": 1}, {"a": 3}]
+
+
+def test_atomic_writes_get_the_permissions_of_a_plain_write(tmp_path):
+    import os
+    import stat
+
+    from oral.io import atomic_write_text
+
+    mode = lambda p: stat.S_IMODE(os.stat(p).st_mode)  # noqa: E731
+    old = os.umask(0o022)
+    try:
+        atomic_write_text(tmp_path / "a.json", "{}")
+        with atomic_dir(tmp_path / "adapter") as d:
+            (d / "x").write_text("1")
+        assert (mode(tmp_path / "a.json"), mode(tmp_path / "adapter")) == (0o644, 0o755)  # not tempfile's 0600 / 0700
+        os.chmod(tmp_path / "a.json", 0o600)  # a file's own permissions survive a rewrite
+        atomic_write_text(tmp_path / "a.json", "[]")
+        assert mode(tmp_path / "a.json") == 0o600
+    finally:
+        os.umask(old)

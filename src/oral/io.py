@@ -18,6 +18,7 @@ import os
 import re
 import shutil
 import signal
+import stat
 import tempfile
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Iterator
@@ -50,12 +51,32 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
+def _umask() -> int:
+    """The process's umask, read without changing it (Linux: /proc/self/status), else set and restored."""
+    try:
+        return int(re.search(r"Umask:\s+([0-7]+)", Path("/proc/self/status").read_text()).group(1), 8)
+    except (OSError, AttributeError):
+        mask = os.umask(0o022)
+        os.umask(mask)
+        return mask
+
+
+def _mode(path: Path, directory: bool = False) -> int:
+    """The permissions a plain write would give `path`: those of the file it replaces, else the umask's
+    (tempfile's own 0600 / 0700 would make what oral writes unreadable to other users, e.g. a server)."""
+    try:
+        return stat.S_IMODE(os.stat(path).st_mode)
+    except FileNotFoundError:
+        return (0o777 if directory else 0o666) & ~_umask()
+
+
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
     """Write `data` to a temporary sibling, fsync it, then rename it onto `path`."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
+        os.fchmod(fd, _mode(path))
         with os.fdopen(fd, "wb") as f:
             f.write(data)
             f.flush()
@@ -89,6 +110,7 @@ def atomic_dir(final: str | os.PathLike, overwrite: bool = False) -> Iterator[Pa
     final.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=final.parent, prefix=f".{final.name}.", suffix=".tmp"))
     try:
+        os.chmod(tmp, _mode(final, directory=True))
         yield tmp
         _fault("commit")
         if final.exists():
