@@ -113,3 +113,10 @@ def test_learned_token_embeddings_start_at_zero_and_refuse_longer_sequences():
     positions, cm, ct, idx, u, t = _inputs(cfg, N=13)
     with pytest.raises(ValueError, match="learned embeddings for 12"):
         net(positions, cm, ct, torch.tensor([False, False]), idx, u, t)
+
+
+def test_a_generator_path_may_name_oral_home(tiny_generator_dir, monkeypatch):
+    from oral.generate import Generator
+
+    monkeypatch.setenv("ORAL_HOME", str(tiny_generator_dir.parent))
+    assert Generator.from_pretrained(f"$ORAL_HOME/{tiny_generator_dir.name}").path == tiny_generator_dir

@@ -42,7 +42,7 @@ from oral.models import (
     resolve,
     weights_fingerprint,
 )
-from oral.paths import oral_home
+from oral.paths import expand_path, oral_home
 from oral.tokens import WeightTokenizer
 from oral.training import resolve_device
 
@@ -173,7 +173,7 @@ class Generator:
         """Load GEN/config.json, GEN/model.safetensors, GEN/conditions.safetensors, GEN/tokenizers/.
 
         path: a generator dir (`oral train --out`); None: the generator shipped in the package."""
-        path = bundled_generator() if path is None else Path(path).expanduser()
+        path = bundled_generator() if path is None else Path(expand_path(str(path)))
         config = read_generator_config(path)
         fix = (f"reinstall oral or rebuild it with `{BUNDLE_COMMAND}`" if path == BUNDLED
                else f"retrain it with `oral train --out {path}`")
