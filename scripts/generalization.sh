@@ -22,13 +22,13 @@ stamp "family";     oral evolve --chain --config configs/evolve-chain.yaml devic
 stamp "zoo";        for _ in $(seq 2 "${RUNS:-1}"); do oral zoo --config configs/zoo-family.yaml train.device="$DEVICE" & done
                     oral zoo --config configs/zoo-family.yaml train.device="$DEVICE"; wait
 stamp "generator";  oral train --zoo "$ZOO" --out "$GEN" --config configs/generator-family.yaml device="$DEVICE"
-FAMILY="generator=$GEN zoo=$ZOO"
+FAMILY="generator=$GEN zoo=$ZOO steps=10"   # the portability config's DDIM steps: its adapters are reused
 stamp "seen";        oral experiment family-seen --config configs/exp-seen.yaml $FAMILY versions=[0,1,2] tasks=[]
 stamp "portability"; oral experiment portability --config configs/exp-portability.yaml
 stamp "unseen-task"; oral experiment family-unseen-task --config configs/exp-unseen-task.yaml $FAMILY \
                          versions=[0,1,2,3,4] tasks=[tweet-sentiment,text-domain]
 stamp "ablation";    oral experiment family-ablation --config configs/exp-ablation.yaml $FAMILY versions=[3,4] \
-                         tasks=[movie-sentiment,sms-spam,trec-question]
+                         tasks=[movie-sentiment,sms-spam,trec-question] "sweep_steps=[25,60]"
 stamp "memorization"; oral experiment family-memorization --config configs/exp-memorization.yaml $FAMILY \
-                         versions=[0,3,4] tasks=[movie-sentiment,sms-spam,trec-question,tweet-sentiment,text-domain]
+                         versions=[3,4] tasks=[movie-sentiment,amazon-sentiment,news-sentiment,rotten-tomatoes,sms-spam,trec-question]
 stamp "done"
