@@ -152,3 +152,17 @@ def test_atomic_writes_get_the_permissions_of_a_plain_write(tmp_path):
         assert mode(tmp_path / "a.json") == 0o600
     finally:
         os.umask(old)
+
+
+def test_a_rewritten_dir_gets_the_umask_permissions(tmp_path):
+    import os
+    import stat
+
+    old = os.umask(0o022)
+    try:
+        (tmp_path / "adapter").mkdir(mode=0o700)  # e.g. left by an older writer
+        with atomic_dir(tmp_path / "adapter", overwrite=True) as d:
+            (d / "x").write_text("1")
+        assert stat.S_IMODE(os.stat(tmp_path / "adapter").st_mode) == 0o755
+    finally:
+        os.umask(old)

@@ -61,13 +61,13 @@ def _umask() -> int:
         return mask
 
 
-def _mode(path: Path, directory: bool = False) -> int:
-    """The permissions a plain write would give `path`: those of the file it replaces, else the umask's
-    (tempfile's own 0600 / 0700 would make what oral writes unreadable to other users, e.g. a server)."""
+def _mode(path: Path) -> int:
+    """The permissions a plain write would give the file `path`: those of the file it replaces, else the
+    umask's (tempfile's own 0600 would make what oral writes unreadable to other users, e.g. a server)."""
     try:
         return stat.S_IMODE(os.stat(path).st_mode)
     except FileNotFoundError:
-        return (0o777 if directory else 0o666) & ~_umask()
+        return 0o666 & ~_umask()
 
 
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
@@ -110,7 +110,7 @@ def atomic_dir(final: str | os.PathLike, overwrite: bool = False) -> Iterator[Pa
     final.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=final.parent, prefix=f".{final.name}.", suffix=".tmp"))
     try:
-        os.chmod(tmp, _mode(final, directory=True))
+        os.chmod(tmp, 0o777 & ~_umask())  # a new dir, as mkdir makes it (tempfile's is 0700)
         yield tmp
         _fault("commit")
         if final.exists():
