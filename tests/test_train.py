@@ -255,7 +255,8 @@ def test_a_base_outside_the_training_versions_is_reported_and_warned_about(gen_d
     from oral.generate import Generator
 
     gen = Generator.from_pretrained(gen_dir, device="cpu")
-    assert gen.base_familiarity("tiny-llama", 0) == {"seen": True, "distance": 0.0, "spread": 0.0, "inside": True}
+    assert gen.base_familiarity("tiny-llama", 0) == {"seen": True, "distance": 0.0, "spread": 0.0, "beyond": False,
+                                                     "inside": True}
     model, tok = tiny
     newer = copy.deepcopy(model)
     with torch.no_grad():
@@ -295,3 +296,19 @@ def test_the_default_guidance_is_the_one_recorded_with_the_generator(gen_dir, tm
     assert read_provenance(path)["guidance"] == 2.5 and read_provenance(path)["steps"] == 3
     (path,) = generate_adapters(gen, "tiny-llama", "spam filter", tmp_path / "c", steps=2, guidance=1.0)
     assert read_provenance(path)["guidance"] == 1.0
+
+
+def test_a_base_past_the_end_of_the_training_chain_is_outside_though_near(gen_dir, monkeypatch):
+    from oral.generate import Generator
+
+    gen = Generator.from_pretrained(gen_dir, device="cpu")
+    e = torch.zeros_like(gen.c_model_cache[(0, "tiny-llama")])
+    e[0] = 1.0
+    gen.config["conditions"]["bases"] = [{"id": f"t{k}"} for k in range(3)]
+    for k in range(3):  # t0, t1, t2 one step apart on a line (a chain of versions)
+        gen.c_model_cache[(0, f"t{k}")] = k * e
+    where = lambda c: (monkeypatch.setattr(gen, "model_condition", lambda *a: c), gen.base_familiarity("new", 0))[1]  # noqa: E731
+    between, past, aside = where(1.5 * e), where(3 * e), where(e + 0.5 * torch.roll(e, 1))
+    assert between["inside"] and not between["beyond"]
+    assert past["distance"] == 1.0 <= past["spread"] and past["beyond"] and not past["inside"]  # t3: near t2, but past it
+    assert aside["inside"] and not aside["beyond"]

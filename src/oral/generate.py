@@ -229,16 +229,23 @@ class Generator:
     def base_familiarity(self, base: str, group: int, base_model: torch.nn.Module | None = None) -> dict:
         """Whether `base` is a version the generator was trained on, else how far its c_model lies from theirs:
         {"seen", "distance" (L2 to the nearest training base's c_model), "spread" (the largest distance between
-        two training bases), "inside" (seen, or no farther than that spread)}. Outside, the adapter is an
-        extrapolation; with one training base every other base is outside."""
+        two training bases), "beyond" (it lies past the nearest training base, away from every other one: the
+        end of a chain of versions and further), "inside" (seen, or within that spread and not beyond)}.
+        Outside, the adapter is an extrapolation; with one training base every other base is outside."""
         trained = [b["id"] for b in self.config["conditions"]["bases"] if (group, b["id"]) in self.c_model_cache]
         c = self.model_condition(base, group, base_model)
         train_c = [self.c_model_cache[(group, b)] for b in trained]
-        distance = min((float((c - t).norm()) for t in train_c), default=float("inf"))
+        dists = [float((c - t).norm()) for t in train_c]
+        distance = min(dists, default=float("inf"))
         spread = max((float((a - b).norm()) for i, a in enumerate(train_c) for b in train_c[i + 1:]), default=0.0)
         seen = base_id(base) in trained
-        return {"seen": seen, "distance": round(distance, 6), "spread": round(spread, 6),
-                "inside": seen or (spread > 0 and distance <= spread)}
+        beyond = False
+        if not seen and len(train_c) > 1:
+            near = train_c[dists.index(distance)]
+            # past `near` as seen from every other training base: (c - near) points away from each of them
+            beyond = all(float((c - near) @ (near - t)) > 0 for t in train_c if t is not near)
+        return {"seen": seen, "distance": round(distance, 6), "spread": round(spread, 6), "beyond": beyond,
+                "inside": seen or (spread > 0 and distance <= spread and not beyond)}
 
     # --- layouts ---------------------------------------------------------------
 
