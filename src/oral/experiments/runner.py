@@ -482,7 +482,8 @@ def bar_lines(name: str, table: dict[tuple[int, str], dict[str, list[float]]]) -
 
 
 def plot(result: dict) -> bytes | None:
-    """A grouped bar chart (mean with sd) per (version, task) and method, as PNG bytes; None without rows."""
+    """A grouped bar chart (mean with sd) per (version, task) and method, one row of panels per version
+    (at most 6 tasks a row), one colour per method; PNG bytes, None without rows."""
     import io
 
     import matplotlib
@@ -495,24 +496,34 @@ def plot(result: dict) -> bytes | None:
     if not table:
         return None
     methods = [m for m in dict.fromkeys(r["method"] for r in result["rows"]) if any(m in c for c in table.values())]
+    colours = plt.get_cmap("tab20" if len(methods) > 10 else "tab10")
     keys = sorted(table)
+    per_row = 6
+    rows = [[k for k in keys if k[0] == v] for v in dict.fromkeys(k[0] for k in keys)]
+    rows = [r[i:i + per_row] for r in rows for i in range(0, len(r), per_row)]
+    cols = max(len(r) for r in rows)
     width = 0.8 / max(len(methods), 1)
-    fig, ax = plt.subplots(figsize=(max(6, 1.3 * len(keys) * max(1, len(methods) / 4)), 4))
-    for i, m in enumerate(methods):
-        xs, means, sds = [], [], []
-        for j, k in enumerate(keys):
-            if m in table[k]:
-                mean, sd = _mean_sd(table[k][m])
-                xs.append(j + i * width)
-                means.append(mean)
-                sds.append(sd)
-        ax.bar(xs, means, width, yerr=sds, label=m, capsize=2)
-    ax.set_xticks([j + 0.4 - width / 2 for j in range(len(keys))])
-    ax.set_xticklabels([f"t{v}\n{t}" for v, t in keys], fontsize=8)
-    ax.set_ylabel("relative L2 to the nearest training adapter" if metric else "test score")
-    ax.set_title(f"exp-{result['experiment']}")
-    ax.legend(fontsize=7, ncol=min(len(methods), 5))
-    fig.tight_layout()
+    fig, axes = plt.subplots(len(rows), 1, figsize=(max(6, 0.25 * cols * len(methods) + 1.5), 2.8 * len(rows) + 0.8),
+                             squeeze=False, sharey=True)
+    for ax, row in zip(axes[:, 0], rows):
+        for i, m in enumerate(methods):
+            xs, means, sds = [], [], []
+            for j, k in enumerate(row):
+                if m in table[k]:
+                    mean, sd = _mean_sd(table[k][m])
+                    xs.append(j + i * width)
+                    means.append(mean)
+                    sds.append(sd)
+            ax.bar(xs, means, width, yerr=sds, label=m, capsize=1.5, color=colours(i % colours.N))
+        ax.set_xticks([j + 0.4 - width / 2 for j in range(len(row))])
+        ax.set_xticklabels([f"t{v} {t}" for v, t in row], fontsize=8)
+        ax.set_xlim(-0.3, cols - 0.1)
+        ax.set_ylabel("relative L2 to the nearest\ntraining adapter" if metric else "test score", fontsize=8)
+        ax.grid(axis="y", alpha=0.3)
+    handles, labels = axes[0, 0].get_legend_handles_labels()
+    fig.legend(handles, labels, fontsize=7, ncol=min(len(methods), 6), loc="upper center")
+    fig.suptitle(f"exp-{result['experiment']}", y=0.995, fontsize=9, x=0.02, ha="left")
+    fig.tight_layout(rect=(0, 0, 1, 1 - 0.5 / (2.8 * len(rows) + 0.8)))
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=110)
     plt.close(fig)
