@@ -106,7 +106,7 @@ def time_to_adapter(task: str = "movie-sentiment", generator: str | Path | None 
         chosen = min(r["steps"] for r in ddim if r["val_accuracy"] >= best_val - tolerance)
 
         finetune = []
-        records = sorted((r for r in read_jsonl(zoo / "manifest.jsonl")), key=lambda r: r["step"])
+        records = sorted(read_jsonl(zoo / "manifest.jsonl"), key=lambda r: r["step"])
         for r in progress_bar(records, desc="fine-tuned checkpoints", disable=not progress):
             seconds = (dt.datetime.fromisoformat(r["time"]) - start).total_seconds()
             finetune.append({"step": r["step"], "wall_s": round(seconds, 3),

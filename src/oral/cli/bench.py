@@ -58,14 +58,13 @@ def add_parser(sub) -> None:
 
 
 def run(args) -> int:
+    if args.bench == "time-to-adapter":
+        return run_time_to_adapter(args)
     import json
 
     import torch
 
     from oral.bench import bench_generate, default_targets
-
-    if args.bench == "time-to-adapter":
-        return run_time_to_adapter(args)
 
     targets = default_targets(args.spec) if args.targets is None else \
         args.targets if args.targets == "all-linear" else [t for t in args.targets.split(",") if t]
