@@ -223,3 +223,17 @@ def test_the_bar_counts_cells_where_generated_clears_each_reference():
     # cell a: 0.81 >= 0.815 - 0.01 and ties stale-t0 and nearest (no win); cell b: 0.5 < 0.69, > 0.4, ties nearest
     assert ">= oracle - 1 point: 1/2; > stale-t0: 1/2; > nearest: 0/2" in text
     assert "generated-cfg" not in text and bar_lines("x", {(0, "a"): {"base": [0.5]}}) == []
+
+
+def test_refined_starts_from_nearest_at_a_strength_chosen_on_validation(tiny_zoo, tiny_generator_dir, tmp_path):
+    cfg = _config(tiny_zoo, tiny_generator_dir, tmp_path, tasks=["sms-spam"], methods=["nearest", "refined"],
+                  strengths=[0.0, 0.5])
+    result = run_experiment("r", cfg)
+    near = next(r for r in result["rows"] if r["method"] == "nearest")
+    refined = [r for r in result["rows"] if r["method"] == "refined"]
+    assert [r["seed"] for r in refined] == [0, 1]  # one description x two seeds
+    assert {r["strength"] for r in refined} <= {0.0, 0.5} and len({r["strength"] for r in refined}) == 1
+    assert all(r["from_task"] == near["from_task"] and r["from_version"] == 0 for r in refined)
+    if refined[0]["strength"] == 0.0:  # strength 0 keeps nearest's adapter: the same score, whatever the seed
+        assert all(r["value"] == near["value"] for r in refined)
+    assert "- `refined`: > nearest: " in (tmp_path / "results" / "exp-r.md").read_text()

@@ -85,6 +85,23 @@ def test_sampling_is_deterministic_given_the_seed():
         d.sample(fn, (3, 8), sampler="euler")
 
 
+def test_sampling_from_an_init_keeps_it_at_strength_0_ignores_it_at_1_and_moves_it_less_in_between():
+    d = Diffusion()
+    fn = lambda x, t: 0.5 * x  # noqa: E731
+    init = torch.randn(3, 8)
+    seed = lambda: torch.Generator().manual_seed(0)  # noqa: E731
+    assert torch.equal(d.sample(fn, (3, 8), steps=10, init=init, strength=0.0, generator=seed()), init)
+    plain = d.sample(fn, (3, 8), steps=10, generator=seed())
+    assert torch.equal(d.sample(fn, (3, 8), steps=10, init=init, strength=1.0, generator=seed()), plain)
+    moved = [float((d.sample(fn, (3, 8), steps=10, init=init, strength=s, generator=seed()) - init).norm())
+             for s in (0.1, 0.5, 0.9)]
+    assert 0 < moved[0] < moved[1] < moved[2]
+    with pytest.raises(ValueError, match="strength must be between 0 and 1"):
+        d.sample(fn, (3, 8), init=init, strength=1.5)
+    with pytest.raises(ValueError, match="init has shape"):
+        d.sample(fn, (3, 8), init=torch.randn(2, 8), strength=0.5)
+
+
 def test_padding_is_left_out_of_the_loss():
     d = Diffusion(DiffusionConfig(prediction_type="epsilon"))
     x0 = torch.randn(4, 8)

@@ -170,6 +170,40 @@ def test_cli_writes_peft_loadable_adapters_with_provenance(gen_dir, tmp_path, ti
     assert any("lora_B" in n for n, _ in peft.named_parameters())
 
 
+def test_an_existing_adapter_is_refined_kept_at_strength_0_and_a_wrong_layout_is_refused(gen_dir, zoo, tmp_path, capsys):
+    from oral.cli import main
+    from oral.lora import load_adapter, read_provenance
+    from oral.zoo import Zoo
+
+    z = Zoo(zoo)
+    start = z.path(next(r for r in z.records() if r["final"] and r["task"] == "sms-spam"))
+    _, init = load_adapter(start)
+    common = ["generate", "--generator", str(gen_dir), "--base", "tiny-llama", "--prompt", "flag junk text messages",
+              "--steps", "10", "--device", "cpu", "--init", str(start)]
+    assert main([*common, "--out", str(tmp_path / "kept"), "--strength", "0"]) == 0
+    _, kept = load_adapter(tmp_path / "kept")
+    assert all(torch.allclose(kept[k], init[k], rtol=1e-5, atol=1e-7) for k in init)
+    assert main([*common, "--out", str(tmp_path / "moved")]) == 0  # the default strength
+    _, moved = load_adapter(tmp_path / "moved")
+    prov = read_provenance(tmp_path / "moved")
+    assert prov["init"] == str(start.resolve()) and prov["strength"] == 0.5 and prov["init_digest"]
+    assert any(not torch.allclose(moved[k], init[k]) for k in init)
+    # an adapter of another layout (rank 2 instead of 4) is refused, naming both layouts; nothing is written
+    from oral.lora import LoraSpec, save_adapter
+    from oral.models import load_base_config
+
+    spec, _ = load_adapter(start)
+    lc = spec.lora_config()
+    spec2 = LoraSpec.from_base_config(load_base_config("tiny-llama"), spec.target_modules, 2, lc.lora_alpha)
+    other_dir = tmp_path / "rank-2"
+    save_adapter(other_dir, spec2, {k: v[:2].clone() if "lora_A" in k else v[:, :2].clone() for k, v in init.items()})
+    capsys.readouterr()
+    assert main([*common[:-1], str(other_dir), "--out", str(tmp_path / "bad")]) == 2
+    assert "the adapter to refine has the layout" in capsys.readouterr().err and not (tmp_path / "bad").exists()
+    assert main([*common[:-2], "--strength", "0.3", "--out", str(tmp_path / "no-init")]) == 2
+    assert "--strength only applies with --init" in capsys.readouterr().err
+
+
 def test_cli_refuses_a_base_of_another_architecture(gen_dir, tmp_path, capsys):
     from oral.cli import main
 

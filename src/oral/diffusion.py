@@ -96,20 +96,37 @@ class Diffusion:
         eta: float = 0.0,
         generator: torch.Generator | None = None,
         device: str | torch.device = "cpu",
+        init: torch.Tensor | None = None,
+        strength: float = 1.0,
     ) -> torch.Tensor:
-        """Draw x0 of `shape` (M, D) from noise in `steps` denoising steps; deterministic given `generator`."""
+        """Draw x0 of `shape` (M, D) from noise in `steps` denoising steps; deterministic given `generator`.
+
+        init (M, D), strength in [0, 1]: start from `init` instead of pure noise (SDEdit, diffusers'
+        img2img): `init` is noised to the timestep `strength` of the way up the schedule and only the
+        last round(steps * strength) steps run. strength 1 is sampling from noise, 0 returns `init`.
+        """
         if sampler not in SAMPLERS:
             raise ValueError(f"unknown sampler {sampler!r}; choose one of {', '.join(SAMPLERS)}")
         T = self.config.num_train_timesteps
         if not 1 <= steps <= T:
             raise ValueError(f"steps must be between 1 and {T}, got {steps}")
+        if not 0.0 <= strength <= 1.0:
+            raise ValueError(f"strength must be between 0 and 1, got {strength}")
+        if init is not None and tuple(init.shape) != tuple(shape):
+            raise ValueError(f"init has shape {tuple(init.shape)}, the sample {tuple(shape)}")
         if sampler == "ddim":
             sched = DDIMScheduler.from_config(self.scheduler.config, clip_sample=False, set_alpha_to_one=True)
         else:
             sched = DDPMScheduler.from_config(self.scheduler.config, clip_sample=False)
         sched.set_timesteps(steps)
+        timesteps = sched.timesteps
         x = torch.randn(shape, generator=generator).to(device)
-        for t in sched.timesteps:
+        if init is not None and strength < 1.0:
+            timesteps = timesteps[steps - round(steps * strength):]
+            if len(timesteps) == 0:
+                return init.to(device).clone()
+            x = sched.add_noise(init.to(device), x, timesteps[:1])
+        for t in timesteps:
             tt = torch.full((shape[0],), int(t), dtype=torch.long, device=device)
             pred = denoise(x, tt)
             if sampler == "ddim":

@@ -25,6 +25,7 @@ from safetensors.torch import save as safetensors_bytes
 
 from oral.conditions import ConditionConfig, ConditionEncoder, model_metadata, text_hash
 from oral.diffusion import Diffusion, DiffusionConfig
+from oral.gauge import canonicalize
 from oral.generator import GeneratorConfig, GeneratorNet
 from oral.io import (
     atomic_dir,
@@ -34,7 +35,7 @@ from oral.io import (
     load_safetensors,
     read_json,
 )
-from oral.lora import AdapterError, LoraSpec, save_adapter, validate_adapter, with_base
+from oral.lora import AdapterError, LoraSpec, adapter_digest, load_adapter, save_adapter, validate_adapter, with_base
 from oral.models import (
     base_id,
     load_base,
@@ -75,6 +76,9 @@ BUNDLE_COMMAND = "bash scripts/build_generator.sh"
 # fall below it (scripts/familiarity.py; docs/RESULTS.md, "Knowing when it does not know").
 FAMILIAR_SIMILARITY = 0.55
 
+
+# `oral generate --init ADAPTER` without --strength: how far the generator may move the adapter it refines.
+REFINE_STRENGTH = 0.5
 
 # Sampling streams the weight tokens in chunks of this many tokens: a chunk's prototypes, then its whole
 # denoising trajectory, then its decoding. The trained small layouts (SmolLM2 r=4 q,v: 300 tokens with
@@ -299,18 +303,21 @@ class Generator:
 
     @torch.no_grad()
     def sample_tokens(self, group: int, c_model: torch.Tensor, prompt: str, seed: int = 0, steps: int = 60,
-                      guidance: float = 1.0, sampler: str = "ddim", eta: float = 0.0, chunk: int | None = None) -> torch.Tensor:
+                      guidance: float = 1.0, sampler: str = "ddim", eta: float = 0.0, chunk: int | None = None,
+                      init: torch.Tensor | None = None, strength: float = 1.0) -> torch.Tensor:
         """Weight tokens (N, D) for one prompt; deterministic given the seed (see `sample_token_chunks`)."""
         tok = self.tokenizers[group]
         x = torch.empty(tok.num_tokens, tok.token_size)  # (N, D)
-        for start, part in self.sample_token_chunks(group, c_model, prompt, seed, steps, guidance, sampler, eta, chunk):
+        for start, part in self.sample_token_chunks(group, c_model, prompt, seed, steps, guidance, sampler, eta, chunk,
+                                                    init, strength):
             x[start : start + len(part)] = part.cpu()
         return x * tok.mask  # padding back to 0
 
     @torch.no_grad()
     def sample_token_chunks(self, group: int, c_model: torch.Tensor, prompt: str, seed: int = 0, steps: int = 60,
                             guidance: float = 1.0, sampler: str = "ddim", eta: float = 0.0,
-                            chunk: int | None = None) -> Iterator[tuple[int, torch.Tensor]]:
+                            chunk: int | None = None, init: torch.Tensor | None = None,
+                            strength: float = 1.0) -> Iterator[tuple[int, torch.Tensor]]:
         """The weight tokens of one adapter as (first row, tokens (n, D)) in order, `chunk` tokens at a time
         (default `self.chunk`): a chunk's prototypes (the Mamba state carried from the chunk before), then its
         whole denoising trajectory. Memory is one chunk's, time linear in N.
@@ -319,6 +326,9 @@ class Generator:
         depend on the chunk size (up to float rounding in the prototypes): the initial noise is drawn
         chunk by chunk from one generator, which gives the same numbers as one draw. DDPM and eta > 0
         draw fresh noise at every step, chunk by chunk, so there the draw depends on the chunk size.
+
+        init (N, D), strength: refine these tokens (an existing adapter's) instead of sampling from noise
+        (`Diffusion.sample`); strength 0 returns them, 1 ignores them.
         """
         tok = self.tokenizers[group]
         dev = self.device
@@ -337,7 +347,8 @@ class Generator:
             with torch.autocast(dev.type, dtype=self.autocast, enabled=self.autocast is not None):
                 x = self.diffusion.sample(self._denoiser(pc[0], None if pn is None else pn[0], guidance),
                                           (n, tok.token_size), steps=steps, sampler=sampler, eta=eta, generator=rng,
-                                          device=dev)
+                                          device=dev, init=None if init is None else init[start : start + n],
+                                          strength=strength)
             yield start, x
             start += n
 
@@ -357,15 +368,22 @@ class Generator:
 
     def generate(self, base: str, prompt: str, seed: int = 0, steps: int | None = None, guidance: float | None = None,
                  sampler: str = "ddim", eta: float = 0.0, rank: int | None = None,
-                 base_model: torch.nn.Module | None = None, c_model: torch.Tensor | None = None) -> tuple:
+                 base_model: torch.nn.Module | None = None, c_model: torch.Tensor | None = None,
+                 init: tuple | None = None, strength: float = 1.0) -> tuple:
         """(base, prompt) -> (spec, state): a LoRA adapter for `base` as a PEFT-keyed state dict.
 
         base: an embedded name, local dir or hub id (its architecture must be one the generator
         learned). base_model: the loaded base, to skip loading it for the fingerprint. c_model: a
         model condition to use instead of the base's own (the ablations of `oral experiment`).
         guidance, steps: None = `default_guidance`, `default_steps`.
+        init (spec, state), strength: refine an existing adapter of the same layout (e.g. one trained on an
+        earlier version of `base`) instead of generating from noise: SDEdit on its weight tokens, conditioned on
+        `base` and `prompt`. strength 0 returns it unchanged, 1 is plain generation; in between, the larger,
+        the more the generator may move it.
         """
         steps, guidance = self.sampling(steps, guidance)
+        if not 0.0 <= strength <= 1.0:
+            raise GenerationError(f"strength must be between 0 (keep the init adapter) and 1 (ignore it), got {strength}")
         if not prompt or not prompt.strip():
             raise GenerationError("the prompt is empty: describe the task the adapter should do")
         known = self.familiarity(prompt)
@@ -384,12 +402,28 @@ class Generator:
                             "(distance %.3g to the nearest, spread %.3g): the adapter is an extrapolation", base,
                             ", ".join(b["id"] for b in self.config["conditions"]["bases"]), where["distance"], where["spread"])
         tok = self.tokenizers[gi]
+        init_tokens = None if init is None else self.init_tokens(gi, *init)
         state = {}  # decoded chunk by chunk as the tokens are sampled: no (N, D) buffer
-        for start, tokens in self.sample_token_chunks(gi, c_model, prompt, seed, steps, guidance, sampler, eta):
+        for start, tokens in self.sample_token_chunks(gi, c_model, prompt, seed, steps, guidance, sampler, eta,
+                                                      init=init_tokens, strength=strength):
             tok.decode_rows(tokens, start, state)
         spec = with_base(tok.spec, base_id(base))
         validate_adapter(spec, state, base_model)
         return spec, state
+
+    def init_tokens(self, group: int, spec: LoraSpec, state: dict[str, torch.Tensor]) -> torch.Tensor:
+        """An existing adapter as the weight tokens (N, D) of layout `group` (in the generator's gauge), to refine."""
+        tok = self.tokenizers[group]
+        if with_base(spec, None) != with_base(tok.spec, None):
+            raise GenerationError(f"the adapter to refine has the layout {spec.summary()}, but this generator makes "
+                                  f"{tok.spec.summary()} for this base: give an adapter of that layout (same targets, "
+                                  f"rank and alpha)")
+        if self.config["gauge"] == "canonical":
+            state = canonicalize(spec, state)
+        try:
+            return tok.encode(state).tokens.clone()
+        except AdapterError as e:
+            raise GenerationError(f"the adapter to refine does not fit this generator's layout: {e}") from e
 
     def provenance(self, base: str, prompt: str, seed: int, steps: int, guidance: float, sampler: str, eta: float) -> dict:
         return {
@@ -563,12 +597,21 @@ def generate_adapters(
     rank: int | None = None,
     overwrite: bool = False,
     device: str = "auto",
+    init: str | Path | None = None,
+    strength: float = 1.0,
 ) -> list[Path]:
     """Write `num` validated PEFT adapter dirs (generator None: the bundled one): OUT itself for num=1, else OUT/seed-<s> for seeds
     seed, seed+1, ... Each dir records its provenance (generator, prompt, seed, zoo manifest hash). guidance, steps
-    None: the generator's `default_guidance`, `default_steps`."""
+    None: the generator's `default_guidance`, `default_steps`. init, strength: refine the PEFT adapter in dir
+    `init` (`Generator.generate`) instead of generating from noise."""
     if num < 1:
         raise GenerationError(f"num must be >= 1, got {num}")
+    init_adapter = None
+    if init is not None:
+        try:
+            init_adapter = load_adapter(init)
+        except (AdapterError, OSError) as e:
+            raise GenerationError(f"cannot read the adapter to refine ({init}): {e}") from e
     gen = generator if isinstance(generator, Generator) else Generator.from_pretrained(generator, device=device)
     steps, guidance = gen.sampling(steps, guidance)
     out = Path(out)
@@ -585,9 +628,11 @@ def generate_adapters(
     for i in range(num):
         s = seed + i
         spec, state = gen.generate(base, prompt, seed=s, steps=steps, guidance=guidance, sampler=sampler, eta=eta, rank=rank,
-                                   base_model=base_model)
+                                   base_model=base_model, init=init_adapter, strength=strength)
         path = out if num == 1 else out / f"seed-{s}"
         provenance = {**gen.provenance(base, prompt, s, steps, guidance, sampler, eta), "base_fingerprint": fingerprint}
+        if init_adapter is not None:
+            provenance.update(init=str(Path(init).resolve()), init_digest=adapter_digest(init_adapter[1]), strength=strength)
         save_adapter(path, spec, state, provenance=provenance, overwrite=overwrite)
         written.append(path)
     return written

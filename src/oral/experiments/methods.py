@@ -12,6 +12,8 @@ example (or none). All of them draw on the same zoo and the same generator:
     mean            the task's training adapters,      generated     the generator, guidance 1
                     dW averaged, refactorized          generated-cfg the generator, guidance chosen on validation
     hypernet        a Text-to-LoRA-style hypernetwork (oral.hypernet) trained on the same zoo and conditions
+    refined         nearest's adapter refined by the generator for this base and description (SDEdit:
+                    `Generator.generate(init=...)`), strength chosen on validation
     random-text     generated from gibberish of the description's length          (controls)
     random-model    generated with the c_model of a randomly initialized base of the same shape
     no-fingerprint  generated with the weight-fingerprint half of c_model set to 0
@@ -32,7 +34,7 @@ from oral.lora import LoraSpec, load_adapter, with_base
 from oral.models import base_id
 from oral.zoo import Zoo, matching
 
-GENERATED = ("generated", "generated-cfg", "random-text", "random-model", "no-fingerprint")
+GENERATED = ("generated", "generated-cfg", "refined", "random-text", "random-model", "no-fingerprint")
 BASELINES = ("base", "oracle", "stale-t0", "stale-newest", "stale-best", "nearest", "mean", "hypernet", "in-prompt")
 METHODS = BASELINES + GENERATED
 

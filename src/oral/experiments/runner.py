@@ -4,8 +4,8 @@ For each base version asked for (t0 = the family's root, tk = k evolved links, r
 lineage) and each task, each method of `oral.experiments.methods` gives its candidates: one per
 held-out description x sampling seed for generated adapters, one per description for in-prompt
 and nearest, one otherwise. Each is scored on the same first `limit` examples of `split`.
-Anything chosen (the guidance of generated-cfg, the version of stale-best) is chosen on the
-validation split. With `distances`, every generated adapter (and the oracle) also gets its
+Anything chosen (the guidance of generated-cfg, the strength of refined, the version of
+stale-best) is chosen on the validation split. With `distances`, every generated adapter (and the oracle) also gets its
 distance to the nearest adapter of the generator's training zoo (the memorization check).
 
 Resumable: generated adapters are written as PEFT dirs under CACHE/adapters/<key hash> and every
@@ -86,9 +86,10 @@ class ExperimentConfig:
     seeds: list[int] = field(default_factory=lambda: [0, 1, 2])  # sampling seeds per description
     split: str = "test"
     limit: int = 200  # examples per task (all when fewer): the same examples for every method
-    val_limit: int = 100  # validation examples for the choices (stale-best, generated-cfg)
+    val_limit: int = 100  # validation examples for the choices (stale-best, generated-cfg, refined)
     steps: int = 60  # DDIM steps
     guidances: list[float] = field(default_factory=lambda: [1.0, 1.5, 2.0, 3.0])  # generated-cfg's candidates
+    strengths: list[float] = field(default_factory=lambda: [0.1, 0.25, 0.5, 0.75])  # refined's candidates
     sweep_steps: list[int] = field(default_factory=list)  # extra generated rows per DDIM step count ("generated-steps10")
     sweep_guidance: list[float] = field(default_factory=list)  # ... per guidance scale ("generated-g2")
     distances: bool = False  # also the memorization distances of generated adapters and the oracle
@@ -215,6 +216,8 @@ class Experiment:
             elif method == "generated-cfg":
                 g = self._choose_guidance(base, task, descriptions[0], model, ev)
                 yield from self._generated(method, base, descriptions, model, guidance=g)
+            elif method == "refined":
+                yield from self._refined(base, task, descriptions, model, ev)
             elif method == "random-text":
                 for d in descriptions:
                     for s in cfg.seeds:
@@ -286,25 +289,46 @@ class Experiment:
                 yield self._generate(method, base, d, s, model, guidance=guidance, c_model=c_model, steps=steps)
 
     def _generate(self, method: str, base: str, description: str, seed: int, model, prompt: str | None = None,
-                  guidance: float = 1.0, c_model: torch.Tensor | None = None, steps: int | None = None) -> Candidate:
-        """A generated adapter, from the adapter cache when it was made before."""
+                  guidance: float = 1.0, c_model: torch.Tensor | None = None, steps: int | None = None,
+                  init: Candidate | None = None, strength: float = 1.0) -> Candidate:
+        """A generated adapter (refined from `init`'s adapter when given), from the adapter cache when it was made before."""
         prompt = prompt or description
         steps = steps or self.cfg.steps
         key = {"generator": self.gen_id, "base": base_id(base), "prompt": prompt, "seed": seed, "steps": steps,
                "guidance": guidance, "rank": self.cfg.rank,
                "c_model": None if c_model is None else hashlib.sha256(c_model.numpy().tobytes()).hexdigest()[:16]}
+        if init is not None:  # absent otherwise: the keys of adapters made before refinement existed hold
+            key.update(init=adapter_digest(init.state), strength=strength)
         path = self.cache_dir / "adapters" / hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:20]
         if (path / "adapter_config.json").is_file():
             spec, state = load_adapter(path)
         else:
             spec, state = self.gen.generate(base, prompt, seed=seed, steps=steps, guidance=guidance,
-                                            rank=self.cfg.rank, base_model=model, c_model=c_model)
+                                            rank=self.cfg.rank, base_model=model, c_model=c_model,
+                                            init=None if init is None else (init.spec, init.state), strength=strength)
             save_adapter(path, spec, state, provenance={"source": "oral experiment", **key}, overwrite=True)
         familiar = self.gen.familiarity(prompt)["familiar"]
         inside = self.gen.base_familiarity(base, self.group(base), model)["inside"]
         return Candidate(method, description, seed, spec, state,
                          info={"guidance": guidance, "steps": steps, "familiar": familiar, "base_inside": inside,
                                "adapter": str(path)})
+
+    def _refined(self, base: str, task: str, descriptions: list[str], model, ev: Evaluator) -> Iterator[Candidate]:
+        """nearest's adapter for each description, refined by the generator at the strength whose adapter (first
+        description, first seed) scores best on validation."""
+        starts = {d: self._nearest(base, d, model) for d in descriptions}
+        first = starts[descriptions[0]]
+        val = {}
+        for st in self.cfg.strengths:
+            c = self._generate("refined", base, descriptions[0], self.cfg.seeds[0], model, init=first, strength=st)
+            val[st] = self.score(base, c.spec, c.state, task, "validation", self.cfg.val_limit, None, ev)["value"]
+        strength = max(val, key=lambda st: (val[st], -st))  # ties: the smaller strength
+        for d in descriptions:
+            for s in self.cfg.seeds:
+                c = self._generate("refined", base, d, s, model, init=starts[d], strength=strength)
+                c.info.update(strength=strength, from_version=starts[d].info["from_version"],
+                              from_task=starts[d].info["from_task"])
+                yield c
 
     def _choose_guidance(self, base: str, task: str, description: str, model, ev: Evaluator) -> float:
         """The guidance scale whose adapter (first description, first seed) scores best on validation."""
@@ -468,7 +492,7 @@ def bar_lines(name: str, table: dict[tuple[int, str], dict[str, list[float]]]) -
     """Markdown: in how many cells the mean of `generated` (and of `generated-cfg`) clears each reference
     method's mean (ties do not count, except against the oracle, which it may trail by a point)."""
     lines = []
-    for method in ("generated", "generated-cfg"):
+    for method in ("generated", "generated-cfg", "refined"):
         counts = []
         for ref, margin, wording in BAR:
             pairs = [(statistics.fmean(by[method]), statistics.fmean(by[ref])) for by in table.values()
