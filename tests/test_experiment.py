@@ -237,3 +237,14 @@ def test_refined_starts_from_nearest_at_a_strength_chosen_on_validation(tiny_zoo
     if refined[0]["strength"] == 0.0:  # strength 0 keeps nearest's adapter: the same score, whatever the seed
         assert all(r["value"] == near["value"] for r in refined)
     assert "- `refined`: > nearest: " in (tmp_path / "results" / "exp-r.md").read_text()
+
+
+def test_an_experiment_over_several_ranks_scores_each_against_the_runs_of_its_rank(tiny_zoo, tiny_generator_dir, tmp_path):
+    """The tiny zoo has r=4 runs only: a second rank is an error naming it, before anything runs; the rows record it."""
+    cfg = _config(tiny_zoo, tiny_generator_dir, tmp_path, tasks=["sms-spam"], methods=["base", "oracle"], ranks=[4])
+    result = run_experiment("k", cfg)
+    assert [(r["method"], r["rank"]) for r in result["rows"]] == [("base", 4), ("oracle", 4)]
+    assert "| t0 | sms-spam r=4 |" in (tmp_path / "results" / "exp-k.md").read_text()
+    with pytest.raises(Exception, match="at rank 2"):
+        run_experiment("k2", _config(tiny_zoo, tiny_generator_dir, tmp_path, tasks=["sms-spam"], methods=["base"],
+                                     ranks=[4, 2]))

@@ -81,6 +81,7 @@ class ExperimentConfig:
     tasks: list[str] = field(default_factory=list)  # empty: the generator's training tasks
     methods: list[str] = field(default_factory=lambda: ["base", "oracle", "in-prompt", "nearest", "mean", "generated"])
     rank: int = 4  # the zoo runs used: their rank ...
+    ranks: list[int] = field(default_factory=list)  # ... or each of these in turn (rows then record their rank)
     zoo_seed: int = 0  # ... and training seed
     descriptions: int = 2  # held-out descriptions per task
     seeds: list[int] = field(default_factory=lambda: [0, 1, 2])  # sampling seeds per description
@@ -117,17 +118,26 @@ class Experiment:
         self.scores = ScoreCache(self.cache_dir / "scores.json")
         self.gen = Generator.from_pretrained(cfg.generator or None)
         self.gen_id = self._generator_id()
+        self._groups: dict[tuple[str, int], int] = {}
+        self._hypernets: dict[int, Hypernet] = {}
+        for rank in reversed(cfg.ranks or [cfg.rank]):  # every rank checked before anything runs; the first one set
+            self.use_rank(rank)
+
+    def use_rank(self, rank: int) -> None:
+        """Score against the zoo's runs of LoRA rank `rank` (and the generator's layout of that rank) from now on."""
+        cfg = self.cfg
+        self.rank = rank
         zoo = Zoo(cfg.zoo)
         if not zoo.manifest.is_file():
             raise ExperimentError(f"{zoo.root} is not a zoo (no manifest); build it with the command in its config, "
                                   f"e.g. `oral zoo --config configs/zoo-quick.yaml`")
-        self.zoo = ZooAdapters(zoo, cfg.root, cfg.rank, cfg.zoo_seed)
+        self.zoo = ZooAdapters(zoo, cfg.root, rank, cfg.zoo_seed)
         self.oracle_zoo = self.zoo
         if cfg.oracle_zoo:
             other = Zoo(cfg.oracle_zoo)
             if not other.manifest.is_file():
                 raise ExperimentError(f"the oracle zoo {other.root} is not a zoo (no manifest); build it or leave oracle_zoo empty")
-            self.oracle_zoo = ZooAdapters(other, cfg.root, cfg.rank, cfg.zoo_seed)
+            self.oracle_zoo = ZooAdapters(other, cfg.root, rank, cfg.zoo_seed)
             for v in set(self.zoo.versions) & set(self.oracle_zoo.versions):
                 if self.zoo.versions[v] != self.oracle_zoo.versions[v]:
                     raise ExperimentError(f"version {v} is {self.zoo.versions[v]} in {zoo.root} but "
@@ -138,21 +148,19 @@ class Experiment:
         self.train_tasks = sorted(self.gen.config["conditions"]["tasks"])
         if not self.train_versions:
             raise ExperimentError(f"none of the generator's bases {gen_bases} is in the zoo {zoo.root}'s family of "
-                                  f"{cfg.root}; give the zoo the generator was trained on")
+                                  f"{cfg.root} at rank {rank}; give the zoo the generator was trained on")
         missing = [v for v in cfg.versions if v not in self.bases]
         if missing:
-            raise ExperimentError(f"the zoo {zoo.root} has no runs on version(s) {missing} of {cfg.root} (it has "
-                                  f"{sorted(self.bases)}); build them with `oral zoo --config configs/zoo-full.yaml`")
+            raise ExperimentError(f"the zoo {zoo.root} has no runs on version(s) {missing} of {cfg.root} at rank {rank} "
+                                  f"(it has {sorted(self.bases)}); build them with `oral zoo --config configs/zoo-full.yaml`")
         self.tasks = cfg.tasks or self.train_tasks
-        self._groups: dict[str, int] = {}
-        self._pool: list | None = None
-        self._hypernets: dict[int, Hypernet] = {}
+        self._pool = None
 
     def group(self, base: str) -> int:
         """The generator's layout for `base` at the experiment's rank, looked up once per base."""
-        if base not in self._groups:
-            self._groups[base] = self.gen.layout_for(base, self.cfg.rank)
-        return self._groups[base]
+        if (base, self.rank) not in self._groups:
+            self._groups[base, self.rank] = self.gen.layout_for(base, self.rank)
+        return self._groups[base, self.rank]
 
     def pool(self) -> list[tuple[dict, Any, dict]]:
         """Every kept checkpoint of the generator's training runs: (record, spec, state), read once."""
@@ -263,7 +271,7 @@ class Experiment:
                                     + json.dumps([self.gen.config["conditions"], self.gen.config["groups"][group]["spec"]],
                                                  sort_keys=True).encode()).hexdigest()[:16]
         key = {"conditions": conditions, "group": group, "zoo": self._pool_id(),
-               "versions": self.train_versions, "tasks": self.train_tasks, "rank": self.cfg.rank,
+               "versions": self.train_versions, "tasks": self.train_tasks, "rank": self.rank,
                "zoo_seed": self.cfg.zoo_seed, "config": dataclasses.asdict(cfg)}
         path = self.cache_dir / "hypernets" / hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:20]
         if (path / "config.json").is_file():
@@ -295,7 +303,7 @@ class Experiment:
         prompt = prompt or description
         steps = steps or self.cfg.steps
         key = {"generator": self.gen_id, "base": base_id(base), "prompt": prompt, "seed": seed, "steps": steps,
-               "guidance": guidance, "rank": self.cfg.rank,
+               "guidance": guidance, "rank": self.rank,
                "c_model": None if c_model is None else hashlib.sha256(c_model.numpy().tobytes()).hexdigest()[:16]}
         if init is not None:  # absent otherwise: the keys of adapters made before refinement existed hold
             key.update(init=adapter_digest(init.state), strength=strength)
@@ -304,7 +312,7 @@ class Experiment:
             spec, state = load_adapter(path)
         else:
             spec, state = self.gen.generate(base, prompt, seed=seed, steps=steps, guidance=guidance,
-                                            rank=self.cfg.rank, base_model=model, c_model=c_model,
+                                            rank=self.rank, base_model=model, c_model=c_model,
                                             init=None if init is None else (init.spec, init.state), strength=strength)
             save_adapter(path, spec, state, provenance={"source": "oral experiment", **key}, overwrite=True)
         familiar = self.gen.familiarity(prompt)["familiar"]
@@ -387,16 +395,11 @@ class Experiment:
                 base = self.bases[version]
                 model, tok = load_base(base)
                 ev = Evaluator(model, tok, progress=False)
-                for task in progress_bar(self.tasks, desc=f"{self.name} t{version}"):
-                    for cand in self.candidates(version, task, ev, model):
-                        row = {"base": base_id(base), "version": version, "task": task, "method": cand.method,
-                               "description": cand.description, "seed": cand.seed, "split": cfg.split,
-                               **{k: v for k, v in cand.info.items() if k != "adapter"}}
-                        if cfg.scores:
-                            s = self.score(base, cand.spec, cand.state, task, cfg.split, cfg.limit, cand.instruction, ev)
-                            rows.append({**row, "metric": s["metric"], "value": s["value"], "n": s["n"]})
-                        if cfg.distances and cand.state is not None and (cand.method in GENERATED or cand.method in ("oracle", "hypernet")):
-                            rows.extend(self.distance_rows(cand, row, version, task))
+                for rank in cfg.ranks or [cfg.rank]:
+                    self.use_rank(rank)
+                    for task in progress_bar(self.tasks, desc=f"{self.name} t{version}"
+                                             + (f" r={rank}" if cfg.ranks else "")):
+                        rows += self._rows(version, base, task, ev, model)
                 del ev, model
         finally:
             quiet.setLevel(level)
@@ -412,6 +415,20 @@ class Experiment:
         }
         self.write(result)
         return result
+
+    def _rows(self, version: int, base: str, task: str, ev: Evaluator, model) -> list[dict]:
+        """The rows of every method's candidates on one (version, task) at the current rank."""
+        cfg, rows = self.cfg, []
+        for cand in self.candidates(version, task, ev, model):
+            row = {"base": base_id(base), "version": version, "task": task, "method": cand.method,
+                   "description": cand.description, "seed": cand.seed, "split": cfg.split,
+                   **({"rank": self.rank} if cfg.ranks else {}), **{k: v for k, v in cand.info.items() if k != "adapter"}}
+            if cfg.scores:
+                s = self.score(base, cand.spec, cand.state, task, cfg.split, cfg.limit, cand.instruction, ev)
+                rows.append({**row, "metric": s["metric"], "value": s["value"], "n": s["n"]})
+            if cfg.distances and cand.state is not None and (cand.method in GENERATED or cand.method in ("oracle", "hypernet")):
+                rows.extend(self.distance_rows(cand, row, version, task))
+        return rows
 
     def write(self, result: dict) -> None:
         out = Path(expand_path(self.cfg.out))
@@ -432,8 +449,13 @@ def cells(rows: list[dict], metric: str | None = None) -> dict[tuple[int, str], 
     for r in rows:
         if (metric is None and r["metric"] in DISTANCES) or (metric and r["metric"] != metric):
             continue
-        out.setdefault((r["version"], r["task"]), {}).setdefault(r["method"], []).append(r["value"])
+        out.setdefault((r["version"], task_label(r)), {}).setdefault(r["method"], []).append(r["value"])
     return out
+
+
+def task_label(row: dict) -> str:
+    """A row's task, with its LoRA rank when the experiment ran several ("trec-question r=8")."""
+    return row["task"] if row.get("rank") is None else f"{row['task']} r={row['rank']}"
 
 
 def format_table(result: dict, metric: str | None = None) -> str:
@@ -471,7 +493,7 @@ def format_table(result: dict, metric: str | None = None) -> str:
     asked = {}  # (version, task) -> [familiar, inside] of each distinct generated request
     for r in result["rows"]:
         if r["method"] == "generated" and "familiar" in r:
-            asked.setdefault((r["version"], r["task"]), {})[(r["description"], r["seed"])] = (r["familiar"], r.get("base_inside", True))
+            asked.setdefault((r["version"], task_label(r)), {})[(r["description"], r["seed"])] = (r["familiar"], r.get("base_inside", True))
     if asked:
         lines += [f"### exp-{result['experiment']}: when `oral generate` warns (generated requests)", "",
                   "| version | task | requests | prompt far from training | base outside training versions |", "|---|---|---|---|---|"]
