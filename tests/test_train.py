@@ -1,6 +1,7 @@
 """The generator end to end on tiny-llama: a tiny zoo (2 tasks), a short training, generation."""
 
 import json
+import math
 import warnings
 from pathlib import Path
 
@@ -346,3 +347,16 @@ def test_a_base_past_the_end_of_the_training_chain_is_outside_though_near(gen_di
     assert between["inside"] and not between["beyond"]
     assert past["distance"] == 1.0 <= past["spread"] and past["beyond"] and not past["inside"]  # t3: near t2, but past it
     assert aside["inside"] and not aside["beyond"]
+
+
+def test_bf16_mixed_precision_trains_and_a_bad_setting_is_refused(zoo, tmp_path):
+    from oral.config import load_config
+    from oral.train import GeneratorTrainConfig, TrainError, read_loss_log, train_generator
+
+    cfg = load_config(GeneratorTrainConfig, REPO / "configs" / "generator-tiny.yaml",
+                      ["device=cpu", "steps=4", "log_every=1", "mixed_precision=bf16"])
+    train_generator([zoo], tmp_path / "gen", cfg)
+    losses = [r["loss"] for r in read_loss_log(tmp_path / "gen")]
+    assert len(losses) == 4 and all(math.isfinite(x) for x in losses)
+    with pytest.raises(TrainError, match="mixed_precision must be one of no, bf16"):
+        GeneratorTrainConfig(mixed_precision="fp8")

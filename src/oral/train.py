@@ -33,6 +33,7 @@ from pathlib import Path
 import torch
 from accelerate import Accelerator
 from diffusers.training_utils import EMAModel
+from torch.profiler import record_function
 
 from oral.conditions import ConditionConfig
 from oral.diffusion import Diffusion, DiffusionConfig
@@ -47,8 +48,9 @@ from oral.zoo_data import prepare_training_data
 log = logging.getLogger(__name__)
 
 GAUGES = ("raw", "canonical")
+MIXED_PRECISION = ("no", "bf16")
 # Settings added since the first generator runs, with the default that reproduces the runs made before them
-LATER_SETTINGS = {"versions": [], "ranks": []}
+LATER_SETTINGS = {"versions": [], "ranks": [], "mixed_precision": "no"}
 LATER_CONDITIONS = {"fingerprint_kind": "sketch", "fingerprint_reference": "", "fingerprint_bins": 8}
 CHECKPOINTS = "checkpoints"
 
@@ -82,6 +84,7 @@ class GeneratorTrainConfig:
     keep_checkpoints: int = 2  # latest checkpoints kept on disk
     log_every: int = 10  # steps between loss-log rows
     device: str = "auto"  # "auto": cuda when available, else cpu
+    mixed_precision: str = "no"  # "bf16": the network's forward under bf16 autocast (accelerate), weights and optimizer fp32
     tasks: list[str] = field(default_factory=list)  # zoo records of these tasks only (empty: all)
     versions: list[int] = field(default_factory=list)  # ... of these base versions only (evolved links; empty: all)
     ranks: list[int] = field(default_factory=list)  # ... of these LoRA ranks only (empty: all)
@@ -94,6 +97,8 @@ class GeneratorTrainConfig:
             raise TrainError("steps, batch_size, save_every and log_every must all be >= 1")
         if self.preset not in GENERATOR_PRESETS:
             raise TrainError(f"unknown generator preset {self.preset!r}; choose one of {', '.join(GENERATOR_PRESETS)}")
+        if self.mixed_precision not in MIXED_PRECISION:
+            raise TrainError(f"mixed_precision must be one of {', '.join(MIXED_PRECISION)}, got {self.mixed_precision!r}")
         if not 0.0 <= self.cond_dropout < 1.0:
             raise TrainError(f"cond_dropout must be in [0, 1), got {self.cond_dropout}")
 
@@ -173,7 +178,7 @@ def train_generator(zoos: list[str | Path], out: str | Path, cfg: GeneratorTrain
     """
     cfg = cfg or GeneratorTrainConfig()
     out = Path(out)
-    accelerator = Accelerator(cpu=resolve_device(cfg.device).type == "cpu")
+    accelerator = Accelerator(cpu=resolve_device(cfg.device).type == "cpu", mixed_precision=cfg.mixed_precision)
     device = accelerator.device
     main = accelerator.is_main_process
 
@@ -235,21 +240,22 @@ def train_generator(zoos: list[str | Path], out: str | Path, cfg: GeneratorTrain
         rng = step_rng(cfg.seed, step, accelerator.process_index)
 
         # 1) a batch of adapters from one layout (layouts drawn in proportion to their size)
-        gi = int(torch.multinomial(sizes, 1, generator=rng)) if len(groups) > 1 else 0
-        group, tokens, positions, mask = groups[gi]
-        S, N, D = tokens.shape
-        B = cfg.batch_size
-        idx = torch.randint(0, S, (B,), generator=rng)
-        # 2) conditions: the sample's base; a random training description of its task, or null
-        cm = torch.stack([c_model[gi][int(b)] for b in group.base_index[idx]])  # (B, Cm)
-        ct = torch.stack([c_text[int(t)][int(torch.randint(0, len(c_text[int(t)]), (1,), generator=rng))]
-                          for t in group.task_index[idx]])  # (B, Ct)
-        drop = (torch.rand(B, generator=rng) < cfg.cond_dropout).to(device)  # (B,) null text
-        # 3) a random subset of each sample's tokens
-        K = N if cfg.tokens_per_sample <= 0 else min(cfg.tokens_per_sample, N)
-        tok_idx = torch.rand(B, N, generator=rng).argsort(dim=1)[:, :K].to(device)  # (B, K)
-        x0 = torch.gather(tokens[idx.to(device)], 1, tok_idx[..., None].expand(-1, -1, D)).reshape(B * K, D)
-        m = mask[tok_idx].reshape(B * K, D)  # (B*K, D)
+        with record_function("train.batch"):  # the phases are named for torch.profiler (benchmarks/bench_train.py)
+            gi = int(torch.multinomial(sizes, 1, generator=rng)) if len(groups) > 1 else 0
+            group, tokens, positions, mask = groups[gi]
+            S, N, D = tokens.shape
+            B = cfg.batch_size
+            idx = torch.randint(0, S, (B,), generator=rng)
+            # 2) conditions: the sample's base; a random training description of its task, or null
+            cm = torch.stack([c_model[gi][int(b)] for b in group.base_index[idx]])  # (B, Cm)
+            ct = torch.stack([c_text[int(t)][int(torch.randint(0, len(c_text[int(t)]), (1,), generator=rng))]
+                              for t in group.task_index[idx]])  # (B, Ct)
+            drop = (torch.rand(B, generator=rng) < cfg.cond_dropout).to(device)  # (B,) null text
+            # 3) a random subset of each sample's tokens
+            K = N if cfg.tokens_per_sample <= 0 else min(cfg.tokens_per_sample, N)
+            tok_idx = torch.rand(B, N, generator=rng).argsort(dim=1)[:, :K].to(device)  # (B, K)
+            x0 = torch.gather(tokens[idx.to(device)], 1, tok_idx[..., None].expand(-1, -1, D)).reshape(B * K, D)
+            m = mask[tok_idx].reshape(B * K, D)  # (B*K, D)
 
         # 4) the diffusion loss on real values, one optimizer step, EMA
         def denoise(x_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
@@ -257,15 +263,19 @@ def train_generator(zoos: list[str | Path], out: str | Path, cfg: GeneratorTrain
 
         lr = cfg.lr_at(done)
         set_lr(opt, lr)
-        loss = diffusion.loss(denoise, x0, m, rng)
+        with record_function("train.forward"), accelerator.autocast():  # bf16 when mixed_precision says so
+            loss = diffusion.loss(denoise, x0, m, rng)
         if not math.isfinite(loss.item()):
             raise TrainError(f"the loss became {loss.item()} at step {done}; lower lr or raise grad_clip")
         opt.zero_grad(set_to_none=True)
-        accelerator.backward(loss)
-        if cfg.grad_clip > 0:
-            accelerator.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-        opt.step()
-        ema.step(net.parameters())
+        with record_function("train.backward"):
+            accelerator.backward(loss)
+        with record_function("train.optimizer"):
+            if cfg.grad_clip > 0:
+                accelerator.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+            opt.step()
+        with record_function("train.ema"):
+            ema.step(net.parameters())
 
         if main and (done % cfg.log_every == 0 or done == end):
             rows.append({"step": done, "loss": loss.item(), "lr": lr, "wall_s": time.time() - t0})
