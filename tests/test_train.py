@@ -349,14 +349,14 @@ def test_a_base_past_the_end_of_the_training_chain_is_outside_though_near(gen_di
     assert aside["inside"] and not aside["beyond"]
 
 
-def test_bf16_mixed_precision_trains_and_a_bad_setting_is_refused(zoo, tmp_path):
+def test_bf16_precision_trains_and_a_bad_setting_is_refused(zoo, tmp_path):
     from oral.config import load_config
     from oral.train import GeneratorTrainConfig, TrainError, read_loss_log, train_generator
 
     cfg = load_config(GeneratorTrainConfig, REPO / "configs" / "generator-tiny.yaml",
-                      ["device=cpu", "steps=4", "log_every=1", "mixed_precision=bf16"])
+                      ["device=cpu", "steps=4", "log_every=1", "precision=bf16"])
     train_generator([zoo], tmp_path / "gen", cfg)
     losses = [r["loss"] for r in read_loss_log(tmp_path / "gen")]
     assert len(losses) == 4 and all(math.isfinite(x) for x in losses)
-    with pytest.raises(TrainError, match="mixed_precision must be one of no, bf16"):
-        GeneratorTrainConfig(mixed_precision="fp8")
+    with pytest.raises(TrainError, match="precision must be one of fp32, bf16"):
+        GeneratorTrainConfig(precision="fp8")

@@ -48,9 +48,9 @@ from oral.zoo_data import prepare_training_data
 log = logging.getLogger(__name__)
 
 GAUGES = ("raw", "canonical")
-MIXED_PRECISION = ("no", "bf16")
+PRECISIONS = ("fp32", "bf16")
 # Settings added since the first generator runs, with the default that reproduces the runs made before them
-LATER_SETTINGS = {"versions": [], "ranks": [], "mixed_precision": "no"}
+LATER_SETTINGS = {"versions": [], "ranks": [], "precision": "fp32"}
 LATER_CONDITIONS = {"fingerprint_kind": "sketch", "fingerprint_reference": "", "fingerprint_bins": 8}
 CHECKPOINTS = "checkpoints"
 
@@ -84,7 +84,7 @@ class GeneratorTrainConfig:
     keep_checkpoints: int = 2  # latest checkpoints kept on disk
     log_every: int = 10  # steps between loss-log rows
     device: str = "auto"  # "auto": cuda when available, else cpu
-    mixed_precision: str = "no"  # "bf16": the network's forward under bf16 autocast (accelerate), weights and optimizer fp32
+    precision: str = "fp32"  # "bf16": the network's forward under bf16 autocast (accelerate), weights and optimizer fp32
     tasks: list[str] = field(default_factory=list)  # zoo records of these tasks only (empty: all)
     versions: list[int] = field(default_factory=list)  # ... of these base versions only (evolved links; empty: all)
     ranks: list[int] = field(default_factory=list)  # ... of these LoRA ranks only (empty: all)
@@ -97,8 +97,8 @@ class GeneratorTrainConfig:
             raise TrainError("steps, batch_size, save_every and log_every must all be >= 1")
         if self.preset not in GENERATOR_PRESETS:
             raise TrainError(f"unknown generator preset {self.preset!r}; choose one of {', '.join(GENERATOR_PRESETS)}")
-        if self.mixed_precision not in MIXED_PRECISION:
-            raise TrainError(f"mixed_precision must be one of {', '.join(MIXED_PRECISION)}, got {self.mixed_precision!r}")
+        if self.precision not in PRECISIONS:
+            raise TrainError(f"precision must be one of {', '.join(PRECISIONS)}, got {self.precision!r}")
         if not 0.0 <= self.cond_dropout < 1.0:
             raise TrainError(f"cond_dropout must be in [0, 1), got {self.cond_dropout}")
 
@@ -178,7 +178,8 @@ def train_generator(zoos: list[str | Path], out: str | Path, cfg: GeneratorTrain
     """
     cfg = cfg or GeneratorTrainConfig()
     out = Path(out)
-    accelerator = Accelerator(cpu=resolve_device(cfg.device).type == "cpu", mixed_precision=cfg.mixed_precision)
+    accelerator = Accelerator(cpu=resolve_device(cfg.device).type == "cpu",
+                              mixed_precision="no" if cfg.precision == "fp32" else cfg.precision)
     device = accelerator.device
     main = accelerator.is_main_process
 
@@ -263,7 +264,7 @@ def train_generator(zoos: list[str | Path], out: str | Path, cfg: GeneratorTrain
 
         lr = cfg.lr_at(done)
         set_lr(opt, lr)
-        with record_function("train.forward"), accelerator.autocast():  # bf16 when mixed_precision says so
+        with record_function("train.forward"), accelerator.autocast():  # bf16 when `precision` says so
             loss = diffusion.loss(denoise, x0, m, rng)
         if not math.isfinite(loss.item()):
             raise TrainError(f"the loss became {loss.item()} at step {done}; lower lr or raise grad_clip")
