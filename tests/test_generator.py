@@ -47,6 +47,32 @@ def test_prototypes_depend_on_text_unless_it_is_dropped():
     assert torch.equal(na, nb)
 
 
+def test_the_blockwise_scan_matches_transformers_mamba_in_values_and_gradients():
+    """prototypes() scans in power-of-two blocks (no padding to 512 for 300 tokens); it is the same function
+    as transformers' MambaModel (mambapy path), forward and backward, to float rounding."""
+    from oral.generator import pow2_blocks
+
+    assert pow2_blocks(300) == [256, 32, 8, 4] and pow2_blocks(512) == [512] and pow2_blocks(7) == [4, 2, 1]
+    torch.manual_seed(0)
+    cfg = generator_config("tiny", model_cond_dim=4, text_cond_dim=8)
+    net = GeneratorNet(cfg)
+    positions, cm, ct, *_ = _inputs(cfg, N=75)
+    drop = torch.tensor([False, False])
+    params = [p for n, p in net.named_parameters() if "embeddings" not in n]
+
+    def run(prototypes):
+        out = prototypes(positions, net.condition(cm, ct, drop))
+        return out, torch.autograd.grad(out.pow(2).sum(), params, allow_unused=True)
+
+    ours, g_ours = run(net.prototypes)
+    ref, g_ref = run(lambda pos, c: net.mamba(inputs_embeds=net._mamba_input(pos, c)).last_hidden_state)
+    assert torch.allclose(ours, ref, atol=1e-5)
+    for a, b in zip(g_ours, g_ref):
+        assert (a is None) == (b is None)
+        if a is not None:
+            assert torch.allclose(a, b, rtol=1e-3, atol=1e-6 * max(1.0, float(b.abs().max())))
+
+
 def test_presets_registry_and_bad_names():
     assert {"tiny", "small", "base"} <= set(GENERATOR_PRESETS)
     assert generator_config("small", d_model=128).d_model == 128

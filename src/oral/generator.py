@@ -249,6 +249,54 @@ def mamba_chunk(mamba: MambaModel, x: torch.Tensor, state: MambaState | None) ->
     return mamba.norm_f(h), MambaState(conv, ssm)
 
 
+def pow2_blocks(n: int) -> list[int]:
+    """The powers of two that sum to n, largest first (300 -> [256, 32, 8, 4])."""
+    return [1 << b for b in range(n.bit_length() - 1, -1, -1) if n >> b & 1]
+
+
+def scan_states(dA: torch.Tensor, dBx: torch.Tensor) -> torch.Tensor:
+    """h_t = dA_t h_(t-1) + dBx_t over dA, dBx (B, ED, L, S) -> every h_t (B, ED, L, S), differentiable.
+
+    mambapy's parallel scan pads a sequence to the next power of two (300 tokens scan as 512, the
+    padding allocated and zeroed in the forward and the backward): here the sequence is scanned in
+    power-of-two blocks instead, each block's first state taking the last state of the block before."""
+    from mambapy.pscan import pscan  # (B, L, ED, S) in and out
+
+    parts, h, start = [], None, 0
+    for n in pow2_blocks(dA.shape[2]):
+        a, x = dA[:, :, start : start + n], dBx[:, :, start : start + n]
+        if h is not None:
+            x = torch.cat([x[:, :, :1] + a[:, :, :1] * h[:, :, None], x[:, :, 1:]], dim=2)
+        states = pscan(a.transpose(1, 2), x.transpose(1, 2)).transpose(1, 2)  # (B, ED, n, S)
+        parts.append(states)
+        h, start = states[:, :, -1], start + n
+    return torch.cat(parts, dim=2) if len(parts) > 1 else parts[0]
+
+
+def mixer_forward(mixer: nn.Module, h: torch.Tensor) -> torch.Tensor:
+    """One MambaMixer over a whole sequence h (B, L, d) -> (B, L, d): transformers' reference path
+    (conv, selective scan, gate), with the scan of `scan_states`. Differentiable (training)."""
+    ED, S, K = mixer.intermediate_size, mixer.ssm_state_size, mixer.conv_kernel_size
+    x, gate = mixer.in_proj(h).transpose(1, 2).chunk(2, dim=1)  # (B, ED, L) each
+    x = mixer.act(F.conv1d(F.pad(x, (K - 1, 0)), mixer.conv1d.weight, mixer.conv1d.bias, groups=ED))  # causal
+    dt, Bm, Cm = torch.split(mixer.x_proj(x.transpose(1, 2)), [mixer.time_step_rank, S, S], dim=-1)  # (B, L, R|S|S)
+    dt = F.softplus(mixer.dt_proj.weight @ dt.transpose(1, 2) + mixer.dt_proj.bias.float()[:, None])  # (B, ED, L)
+    dA = torch.exp(dt[..., None] * -torch.exp(mixer.A_log.float())[None, :, None, :])  # (B, ED, L, S)
+    dBx = (dt[..., None] * Bm[:, None, :, :].float()) * x[..., None].float()  # (B, ED, L, S)
+    y = torch.einsum("bels,bls->bel", scan_states(dA, dBx), Cm.float())  # (B, ED, L)
+    y = (y + x * mixer.D.float()[None, :, None]) * F.silu(gate)
+    return mixer.out_proj(y.transpose(1, 2).to(h.dtype))
+
+
+def mamba_forward(mamba: MambaModel, x: torch.Tensor) -> torch.Tensor:
+    """MambaModel(inputs_embeds=x).last_hidden_state for x (B, L, d), with `mixer_forward`'s scan."""
+    h = x
+    for block in mamba.layers:
+        out = mixer_forward(block.mixer, block.norm(h.to(block.norm.weight.dtype)))
+        h = (h.float() if block.residual_in_fp32 else h) + out
+    return mamba.norm_f(h)
+
+
 # -----------------------------------------------------------------------------
 # The generator network
 
@@ -290,7 +338,7 @@ class GeneratorNet(nn.Module):
 
     def prototypes(self, positions: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
         """positions (B, N, 4) long, c (B, d_model) -> prototypes (B, N, d_model)."""
-        return self.mamba(inputs_embeds=self._mamba_input(positions, c)).last_hidden_state
+        return mamba_forward(self.mamba, self._mamba_input(positions, c))
 
     def prototype_chunks(self, positions: torch.Tensor, c: torch.Tensor, chunk: int,
                          block: int | None = None) -> Iterator[torch.Tensor]:
