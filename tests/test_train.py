@@ -187,7 +187,7 @@ def test_an_existing_adapter_is_refined_kept_at_strength_0_and_a_wrong_layout_is
     assert main([*common, "--out", str(tmp_path / "moved")]) == 0  # the default strength
     _, moved = load_adapter(tmp_path / "moved")
     prov = read_provenance(tmp_path / "moved")
-    assert prov["init"] == str(start.resolve()) and prov["strength"] == 0.5 and prov["init_digest"]
+    assert prov["init"] == str(start.resolve()) and prov["strength"] == 0.1 and prov["init_digest"]
     assert any(not torch.allclose(moved[k], init[k]) for k in init)
     # an adapter of another layout (rank 2 instead of 4) is refused, naming both layouts; nothing is written
     from oral.lora import LoraSpec, save_adapter

@@ -28,7 +28,7 @@ def add_parser(sub) -> None:
     p.add_argument("--init", metavar="ADAPTER",
                    help="a PEFT adapter dir of the generator's layout to start from instead of noise (SDEdit)")
     p.add_argument("--strength", type=float, default=None,
-                   help="with --init: how far the generator may move it, 0 (keep it) .. 1 (ignore it); default 0.5")
+                   help="with --init: how far the generator may move it, 0 (keep it) .. 1 (ignore it); default 0.1")
     p.add_argument("--rank", type=int, help="LoRA rank, when the generator learned several for this base")
     p.add_argument("--device", default="auto", help="cpu, cuda, or auto")
     p.add_argument("--overwrite", action="store_true", help="replace existing output dirs")
