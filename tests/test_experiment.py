@@ -223,6 +223,8 @@ def test_the_bar_counts_cells_where_generated_clears_each_reference():
     # cell a: 0.81 >= 0.815 - 0.01 and ties stale-t0 and nearest (no win); cell b: 0.5 < 0.69, > 0.4, ties nearest
     assert ">= oracle - 1 point: 1/2; > stale-t0: 1/2; > nearest: 0/2" in text
     assert "generated-cfg" not in text and bar_lines("x", {(0, "a"): {"base": [0.5]}}) == []
+    # six equal scores average to a float a hair above the one score (fmean of six 0.925s): a tie, not a win
+    assert "> nearest: 0/1" in "\n".join(bar_lines("x", {(3, "a"): {"generated": [0.925] * 6, "nearest": [0.925]}}))
 
 
 def test_refined_starts_from_nearest_at_a_strength_chosen_on_validation(tiny_zoo, tiny_generator_dir, tmp_path):

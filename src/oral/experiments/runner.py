@@ -510,6 +510,9 @@ BAR = (("oracle", -0.01, ">= oracle - 1 point"), ("stale-t0", 0.0, "> stale-t0")
        ("hypernet", 0.0, "> hypernet"), ("in-prompt", 0.0, "> in-prompt"), ("base", 0.0, "> base"))
 
 
+TIE = 1e-9  # score differences below this are float rounding
+
+
 def bar_lines(name: str, table: dict[tuple[int, str], dict[str, list[float]]]) -> list[str]:
     """Markdown: in how many cells the mean of `generated` (and of `generated-cfg`) clears each reference
     method's mean (ties do not count, except against the oracle, which it may trail by a point)."""
@@ -520,7 +523,8 @@ def bar_lines(name: str, table: dict[tuple[int, str], dict[str, list[float]]]) -
             pairs = [(statistics.fmean(by[method]), statistics.fmean(by[ref])) for by in table.values()
                      if by.get(method) and by.get(ref)]
             if pairs:
-                won = sum(g >= r + margin if margin < 0 else g > r for g, r in pairs)
+                # means of equal scores can differ in the last bit (fmean of six 0.915s is not 0.915): a tie is a tie
+                won = sum(g >= r + margin - TIE if margin < 0 else g > r + TIE for g, r in pairs)
                 counts.append(f"{wording}: {won}/{len(pairs)}")
         if counts:
             lines.append(f"- `{method}`: " + "; ".join(counts))
