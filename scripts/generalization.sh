@@ -8,6 +8,7 @@
 #    idle CPU thread (RUNS=2 trains two at a time; the whole grid with the rank study: configs/zoo-full.yaml);
 # 3) the family generator (configs/generator-family.yaml): t0..t2, 7 tasks;
 # 4) the experiments with the family generator (seen, portability, unseen-task, ablation, memorization);
+# 5) the rank study's runs, the generator of four ranks and the rank experiment;
 #    the bundled generator's own experiments run with `oral experiment NAME --config configs/exp-NAME.yaml`.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -30,5 +31,9 @@ stamp "unseen-task"; oral experiment family-unseen-task --config configs/exp-uns
 stamp "ablation";    oral experiment family-ablation --config configs/exp-ablation.yaml $FAMILY versions=[3,4] \
                          tasks=[movie-sentiment,sms-spam,trec-question] "sweep_steps=[25,60]"
 stamp "memorization"; oral experiment family-memorization --config configs/exp-memorization.yaml $FAMILY \
-                         versions=[3,4] tasks=[movie-sentiment,amazon-sentiment,news-sentiment,rotten-tomatoes,sms-spam,trec-question]
+                         versions=[3,4] tasks=[movie-sentiment,amazon-sentiment,news-sentiment,rotten-tomatoes,sms-spam,trec-question] \
+                         methods=[oracle,hypernet,generated,refined] strengths=[0.0,0.1,0.25,0.5,0.75]
+stamp "rank";        oral zoo --config configs/zoo-rank.yaml train.device="$DEVICE"
+                     oral train --zoo "$ZOO" --out "$HOME_DIR/generators/rank" --config configs/generator-rank.yaml device="$DEVICE"
+                     oral experiment rank --config configs/exp-rank.yaml
 stamp "done"
