@@ -38,6 +38,21 @@ def test_stable_diffusion_unet_layout_from_its_diffusers_config():
     assert default_targets("mistral-7b") == ["q_proj", "v_proj"]
 
 
+def test_every_weight_token_of_the_unet_layout_has_its_own_position_and_llm_layers_keep_their_index():
+    """down_blocks.1 and up_blocks.1 hold modules of the same type: their layer position is the block's ordinal
+    then, so no two tokens share (layer, type, A/B, chunk). A language model's stays its layer index."""
+    from oral.bench import default_targets
+    from oral.tokens import WeightTokenizer
+
+    unet = bench_spec("sd-2.1-unet", default_targets("sd-2.1-unet"), 4)
+    pos = WeightTokenizer(unet, 256).positions
+    assert len({tuple(r) for r in pos.tolist()}) == len(pos)
+    down, up = (next(m.name for m in unet.modules if m.name.startswith(b)) for b in ("down_blocks.1.", "up_blocks.1."))
+    assert unet.layer_of(down) != unet.layer_of(up) and len(unet.layers) == 7  # down 0-2, mid, up 1-3
+    smol = bench_spec("smollm2-135m", ["q_proj", "v_proj"], 4)
+    assert [smol.layer_of(m.name) for m in smol.modules] == [m.layer_index for m in smol.modules]
+
+
 def test_model_configs_are_shipped_by_name_and_read_from_a_path(tmp_path):
     assert {"mistral-7b", "llama-3.1-8b", "qwen2.5-7b"} <= set(shipped_model_configs())
     cfg = model_config("qwen2.5-7b")

@@ -53,7 +53,7 @@ class Hypernet(nn.Module):
                 raise ValueError(f"the hypernetwork needs one shape per module type; {m.module_type} has "
                                  f"{shapes[m.module_type]} and {shape}")
         self.shapes = shapes
-        self.register_buffer("layer_index", torch.tensor([layers.index(m.layer_index) for m in spec.modules]))
+        self.register_buffer("layer_index", torch.tensor([layers.index(spec.layer_of(m.name)) for m in spec.modules]))
         self.register_buffer("type_index", torch.tensor([self.types.index(m.module_type) for m in spec.modules]))
         # per (module type, A/B): the scale that brings the training tensors to unit variance
         self.register_buffer("scale", torch.ones(len(self.types), 2))

@@ -26,7 +26,7 @@ def describe_adapter(path: str | Path, base_model: Any = None, token_size: int =
         n = norms.get(m.name, {})
         modules.append({
             "name": m.name, "in": m.in_features, "out": m.out_features, "rank": m.rank, "alpha": m.alpha,
-            "layer": m.layer_index, "type": m.module_type,
+            "layer": spec.layer_of(m.name), "type": m.module_type,
             "norms": {k: n.get(k) for k in ("norm_A", "norm_B", "norm_delta")},
         })
     return {

@@ -102,6 +102,12 @@ class LoraModule:
         return int(m.group(1)) if m else 0
 
     @property
+    def block(self) -> str:
+        """The path up to and including the layer index (`model.layers.3`, `down_blocks.1`); "" if there is none."""
+        m = _LAYER_RE.search(self.name)
+        return self.name[: m.end(1)] if m else ""
+
+    @property
     def module_type(self) -> str:
         """The path after the layer index (`self_attn.q_proj`); the whole path if there is none."""
         m = _LAYER_RE.search(self.name)
@@ -120,6 +126,7 @@ class LoraSpec:
     use_rslora: bool = False
     base_model_name_or_path: str | None = None
     _index: dict = field(default=None, init=False, repr=False, compare=False, hash=False)
+    _layer: dict = field(default=None, init=False, repr=False, compare=False, hash=False)
 
     def __post_init__(self) -> None:
         modules = tuple(sorted(self.modules, key=lambda m: _natural_key(m.name)))
@@ -131,6 +138,16 @@ class LoraSpec:
             dup = sorted({n for n in names if names.count(n) > 1})
             raise AdapterError(f"spec lists module(s) {dup[:3]} more than once")
         object.__setattr__(self, "_index", {m.name: i for i, m in enumerate(modules)})
+        # The layer position of each module: its layer index, unless that puts two modules of one type at one
+        # position (a UNet's down_blocks.1 and up_blocks.1 both hold attentions.0...to_q): then the ordinal of
+        # its block path (down_blocks.1, mid_block.attentions.0, up_blocks.1, ...) in spec order.
+        pairs = [(m.layer_index, m.module_type) for m in modules]
+        if len(set(pairs)) == len(pairs):
+            layer = {m.name: m.layer_index for m in modules}
+        else:
+            blocks = {b: i for i, b in enumerate(dict.fromkeys(m.block for m in modules))}
+            layer = {m.name: blocks[m.block] for m in modules}
+        object.__setattr__(self, "_layer", layer)
 
     # --- views ---------------------------------------------------------------
 
@@ -165,12 +182,16 @@ class LoraSpec:
 
     @property
     def layers(self) -> list[int]:
-        return sorted({m.layer_index for m in self.modules})
+        return sorted(set(self._layer.values()))
+
+    def layer_of(self, name: str) -> int:
+        """The layer position of a module (its layer index unless two modules of one type would share it)."""
+        return self._layer[name]
 
     def position(self, name: str) -> tuple[int, int]:
-        """(layer index, module-type index) of a module, the integer position the tokenizer uses."""
+        """(layer position, module-type index) of a module, the integer position the tokenizer uses."""
         m = self[name]
-        return m.layer_index, self.module_types.index(m.module_type)
+        return self._layer[name], self.module_types.index(m.module_type)
 
     # --- construction --------------------------------------------------------
 

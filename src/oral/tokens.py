@@ -100,7 +100,7 @@ class WeightTokenizer:
             pos = torch.empty(self.num_tokens, 4, dtype=torch.long)
             for slot, m in zip(self.layout, (m for m in self.spec.modules for _ in range(2))):
                 rows = slice(slot.row, slot.row + slot.num_rows)
-                pos[rows, 0] = m.layer_index
+                pos[rows, 0] = self.spec.layer_of(m.name)
                 pos[rows, 1] = types[m.module_type]
                 pos[rows, 2] = 0 if slot.key == m.key_A else 1
                 pos[rows, 3] = torch.arange(slot.num_rows)
