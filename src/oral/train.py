@@ -84,7 +84,7 @@ class GeneratorTrainConfig:
     keep_checkpoints: int = 2  # latest checkpoints kept on disk
     log_every: int = 10  # steps between loss-log rows
     device: str = "auto"  # "auto": cuda when available, else cpu
-    precision: str = "fp32"  # "bf16": the network's forward under bf16 autocast (accelerate), weights and optimizer fp32
+    precision: str = "fp32"  # "bf16": the network's forward under torch's bf16 autocast, weights and optimizer fp32
     tasks: list[str] = field(default_factory=list)  # zoo records of these tasks only (empty: all)
     versions: list[int] = field(default_factory=list)  # ... of these base versions only (evolved links; empty: all)
     ranks: list[int] = field(default_factory=list)  # ... of these LoRA ranks only (empty: all)
@@ -178,8 +178,7 @@ def train_generator(zoos: list[str | Path], out: str | Path, cfg: GeneratorTrain
     """
     cfg = cfg or GeneratorTrainConfig()
     out = Path(out)
-    accelerator = Accelerator(cpu=resolve_device(cfg.device).type == "cpu",
-                              mixed_precision="no" if cfg.precision == "fp32" else cfg.precision)
+    accelerator = Accelerator(cpu=resolve_device(cfg.device).type == "cpu")
     device = accelerator.device
     main = accelerator.is_main_process
 
@@ -264,7 +263,8 @@ def train_generator(zoos: list[str | Path], out: str | Path, cfg: GeneratorTrain
 
         lr = cfg.lr_at(done)
         set_lr(opt, lr)
-        with record_function("train.forward"), accelerator.autocast():  # bf16 when `precision` says so
+        # bf16: torch's autocast around the forward (not accelerate's mixed_precision, which is fixed per process)
+        with record_function("train.forward"), torch.autocast(device.type, torch.bfloat16, enabled=cfg.precision == "bf16"):
             loss = diffusion.loss(denoise, x0, m, rng)
         if not math.isfinite(loss.item()):
             raise TrainError(f"the loss became {loss.item()} at step {done}; lower lr or raise grad_clip")
