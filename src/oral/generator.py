@@ -209,20 +209,38 @@ class MambaState:
     ssm: list[torch.Tensor]  # (B, ED, S): the selective scan's state
 
 
-def mixer_chunk(mixer: nn.Module, h: torch.Tensor, conv: torch.Tensor | None, ssm: torch.Tensor | None) -> tuple:
-    """One MambaMixer (transformers' reference path, mambapy's parallel scan) over the chunk h (B, L, d)
-    that follows the chunk which left (conv, ssm); None = the sequence starts here. -> (out (B, L, d), conv, ssm)."""
-    from mambapy.pscan import PScan
-
-    B, L, _ = h.shape
+def _mixer_inputs(mixer: nn.Module, h: torch.Tensor, conv: torch.Tensor | None) -> tuple:
+    """A MambaMixer's input side over h (B, L, d) that follows the inputs that left the causal conv's state
+    `conv` (B, ED, K-1) (None: zeros, the sequence starts here) -> (x, gate, dt (B, ED, L), Bm, Cm (B, L, S),
+    the conv's state after h)."""
+    B = h.shape[0]
     ED, S, K = mixer.intermediate_size, mixer.ssm_state_size, mixer.conv_kernel_size
     x, gate = mixer.in_proj(h).transpose(1, 2).chunk(2, dim=1)  # (B, ED, L) each
-    conv = x.new_zeros(B, ED, K - 1) if conv is None else conv
-    x = torch.cat([conv, x], dim=-1)  # (B, ED, K-1+L)
+    x = torch.cat([x.new_zeros(B, ED, K - 1) if conv is None else conv, x], dim=-1)  # (B, ED, K-1+L)
     conv = x[:, :, -(K - 1):]
     x = mixer.act(F.conv1d(x, mixer.conv1d.weight, mixer.conv1d.bias, groups=ED))  # (B, ED, L)
     dt, Bm, Cm = torch.split(mixer.x_proj(x.transpose(1, 2)), [mixer.time_step_rank, S, S], dim=-1)  # (B, L, R|S|S)
-    dt = F.softplus(mixer.dt_proj.weight @ dt.transpose(1, 2) + mixer.dt_proj.bias[:, None])  # (B, ED, L)
+    dt = F.softplus(mixer.dt_proj.weight @ dt.transpose(1, 2) + mixer.dt_proj.bias.float()[:, None])  # (B, ED, L)
+    return x, gate, dt, Bm, Cm, conv
+
+
+def _mixer_output(mixer: nn.Module, states: torch.Tensor, Cm: torch.Tensor, x: torch.Tensor, gate: torch.Tensor,
+                  dtype: torch.dtype) -> torch.Tensor:
+    """A MambaMixer's output side: the scan's states (B, ED, L, S) read out by Cm, the skip, the gate, out_proj."""
+    y = torch.einsum("bels,bls->bel", states, Cm.float())  # (B, ED, L)
+    y = (y + x * mixer.D.float()[None, :, None]) * F.silu(gate)
+    return mixer.out_proj(y.transpose(1, 2).to(dtype))
+
+
+def mixer_chunk(mixer: nn.Module, h: torch.Tensor, conv: torch.Tensor | None, ssm: torch.Tensor | None) -> tuple:
+    """One MambaMixer (transformers' reference path, mambapy's parallel scan) over the chunk h (B, L, d)
+    that follows the chunk which left (conv, ssm); None = the sequence starts here. -> (out (B, L, d), conv, ssm).
+    Inference only: the scan runs in place in preallocated buffers."""
+    from mambapy.pscan import PScan
+
+    B, L, _ = h.shape
+    ED, S = mixer.intermediate_size, mixer.ssm_state_size
+    x, gate, dt, Bm, Cm, conv = _mixer_inputs(mixer, h, conv)
     L2 = 1 << (L - 1).bit_length()  # the scan runs on a power-of-two length; the padding comes last
     dA = torch.zeros(B, ED, L2, S, dtype=dt.dtype, device=dt.device)  # (B, ED, L2, S)
     dBx = torch.zeros_like(dA)
@@ -231,9 +249,7 @@ def mixer_chunk(mixer: nn.Module, h: torch.Tensor, conv: torch.Tensor | None, ss
     if ssm is not None:
         dBx[:, :, 0] += dA[:, :, 0] * ssm  # h_0 = dA_0 h_prev + dBx_0
     PScan.pscan(dA, dBx)  # in place: dBx[:, :, t] = the state after token t
-    y = torch.einsum("bels,bls->bel", dBx[:, :, :L], Cm)  # (B, ED, L)
-    y = (y + x * mixer.D[None, :, None]) * F.silu(gate)  # (B, ED, L)
-    return mixer.out_proj(y.transpose(1, 2)), conv, dBx[:, :, L - 1].clone()
+    return _mixer_output(mixer, dBx[:, :, :L], Cm, x, gate, h.dtype), conv, dBx[:, :, L - 1].clone()
 
 
 def mamba_chunk(mamba: MambaModel, x: torch.Tensor, state: MambaState | None) -> tuple[torch.Tensor, MambaState]:
@@ -276,16 +292,10 @@ def scan_states(dA: torch.Tensor, dBx: torch.Tensor) -> torch.Tensor:
 def mixer_forward(mixer: nn.Module, h: torch.Tensor) -> torch.Tensor:
     """One MambaMixer over a whole sequence h (B, L, d) -> (B, L, d): transformers' reference path
     (conv, selective scan, gate), with the scan of `scan_states`. Differentiable (training)."""
-    ED, S, K = mixer.intermediate_size, mixer.ssm_state_size, mixer.conv_kernel_size
-    x, gate = mixer.in_proj(h).transpose(1, 2).chunk(2, dim=1)  # (B, ED, L) each
-    x = mixer.act(F.conv1d(F.pad(x, (K - 1, 0)), mixer.conv1d.weight, mixer.conv1d.bias, groups=ED))  # causal
-    dt, Bm, Cm = torch.split(mixer.x_proj(x.transpose(1, 2)), [mixer.time_step_rank, S, S], dim=-1)  # (B, L, R|S|S)
-    dt = F.softplus(mixer.dt_proj.weight @ dt.transpose(1, 2) + mixer.dt_proj.bias.float()[:, None])  # (B, ED, L)
+    x, gate, dt, Bm, Cm, _ = _mixer_inputs(mixer, h, None)
     dA = torch.exp(dt[..., None] * -torch.exp(mixer.A_log.float())[None, :, None, :])  # (B, ED, L, S)
     dBx = (dt[..., None] * Bm[:, None, :, :].float()) * x[..., None].float()  # (B, ED, L, S)
-    y = torch.einsum("bels,bls->bel", scan_states(dA, dBx), Cm.float())  # (B, ED, L)
-    y = (y + x * mixer.D.float()[None, :, None]) * F.silu(gate)
-    return mixer.out_proj(y.transpose(1, 2).to(h.dtype))
+    return _mixer_output(mixer, scan_states(dA, dBx), Cm, x, gate, h.dtype)
 
 
 def mamba_forward(mamba: MambaModel, x: torch.Tensor) -> torch.Tensor:
