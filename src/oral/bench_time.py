@@ -115,10 +115,11 @@ def time_to_adapter(task: str = "movie-sentiment", generator: str | Path | None 
     base_accuracy = ev.evaluate(the_task, split=split, limit=limit)["value"]
     hit = next((r for r in finetune if r["accuracy"] >= accuracy - tolerance), None)
     finetune_s = hit["wall_s"] if hit else finetune[-1]["wall_s"]
+    generate_s = max(round(generate_s, 3), 0.001)  # the ratio is the one of the two times as reported
     return {
         "task": the_task.name, "base": base, "prompt": prompt, "generator": str(gen.path), "split": split,
         "limit": limit, "base_accuracy": base_accuracy,
-        "steps": default_steps, "accuracy": accuracy, "generate_s": round(generate_s, 3),
+        "steps": default_steps, "accuracy": accuracy, "generate_s": generate_s,
         "finetune_s": finetune_s, "finetune_step": hit["step"] if hit else None, "reached": hit is not None,
         "finetune_best": max(r["accuracy"] for r in finetune),
         "ratio": round(finetune_s / generate_s, 1), "tolerance": tolerance,
