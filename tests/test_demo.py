@@ -85,3 +85,46 @@ def test_bundled_generator_is_fp16_loads_as_fp32_and_is_used_when_none_is_named(
     from oral.generate import list_generators
 
     assert list_generators(tmp_path / "none")[0]["name"] == "bundled"
+
+
+def test_a_bundled_generator_names_evolved_bases_under_oral_home_and_finds_them_elsewhere(tiny_generator_dir, tmp_path,
+                                                                                          monkeypatch):
+    import shutil
+
+    here = tmp_path / "here"
+    gen = tmp_path / "gen"
+    shutil.copytree(tiny_generator_dir, gen)
+    config = json.loads((gen / "config.json").read_text())
+    evolved = str((here / "evolved" / "kjv-s100").resolve())
+    config["conditions"]["bases"][0]["id"] = evolved  # as a generator trained on an evolved version records it
+    config["groups"][0]["bases"] = [evolved]
+    (gen / "config.json").write_text(json.dumps(config))
+    monkeypatch.setenv("ORAL_HOME", str(here))
+    out = bundle_generator(gen, tmp_path / "bundled")
+    shipped = json.loads((out / "config.json").read_text())
+    assert shipped["conditions"]["bases"][0]["id"] == "$ORAL_HOME/evolved/kjv-s100"
+    assert shipped["groups"][0]["bases"] == ["$ORAL_HOME/evolved/kjv-s100"]
+    monkeypatch.setenv("ORAL_HOME", str(tmp_path / "elsewhere"))
+    loaded = Generator.from_pretrained(out, device="cpu")
+    assert (0, str(tmp_path / "elsewhere" / "evolved" / "kjv-s100")) in loaded.c_model_cache
+
+
+def test_the_generator_card_reads_an_experiment_result(tiny_generator_dir):
+    from oral.generate import score_table
+
+    def row(version, task, method, value, seed=None):
+        return {"base": f"b{version}", "version": version, "task": task, "method": method, "description": None,
+                "seed": seed, "split": "test", "metric": "accuracy", "value": value, "n": 200}
+
+    result = {"experiment": "family-seen", "versions": {"0": "tiny-llama", "1": "/x/evolved/kjv"}, "wall_s": 12.0,
+              "config": {"versions": [0, 1], "descriptions": 2, "seeds": [0, 1], "limit": 200, "split": "test", "steps": 10},
+              "rows": [row(0, "sms-spam", "base", 0.2), row(0, "sms-spam", "oracle", 1.0),
+                       row(0, "sms-spam", "generated", 0.9, 0), row(0, "sms-spam", "generated", 0.7, 1),
+                       {**row(0, "sms-spam", "generated", 0.4, 0), "metric": "cosine-to-nearest"},
+                       row(1, "trec-question", "base", 0.5), row(1, "trec-question", "generated", 0.6, 0)]}
+    (cell,) = score_table(result)  # t1 trec-question has no oracle: left out; the distance row is not a score
+    assert (cell["version"], cell["task"], cell["samples"]) == ("t0", "sms-spam", 2)
+    assert cell["generated_mean"] == pytest.approx(0.8) and cell["recovered"] == pytest.approx(0.75)
+    card = generator_card(tiny_generator_dir, result)
+    assert "| t0 | sms-spam | 200 | 0.200 | 1.000 | 0.800 +- 0.141 (2) | 75% |" in card
+    assert "tiny-llama (t0)" in card and "oral experiment family-seen" in card

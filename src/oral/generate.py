@@ -17,6 +17,7 @@ import datetime as dt
 import itertools
 import json
 import logging
+import re
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Iterator
 
@@ -37,6 +38,7 @@ from oral.io import (
 )
 from oral.lora import AdapterError, LoraSpec, adapter_digest, load_adapter, save_adapter, validate_adapter, with_base
 from oral.models import (
+    EMBEDDED,
     base_id,
     load_base,
     load_base_config,
@@ -188,6 +190,8 @@ class Generator:
         net.load_state_dict(load_safetensors(path / WEIGHTS_NAME, fix))
         net.to(dev)
         tokenizers = [WeightTokenizer.load(path / g["tokenizer"], fix=fix) for g in config["groups"]]
+        for b in config["conditions"]["bases"]:  # a bundled generator names its evolved bases under $ORAL_HOME
+            b["id"] = _portable_base(b["id"], expand=True)
         bases = [b["id"] for b in config["conditions"]["bases"]]
         c_model = {}
         for key, v in load_safetensors(path / CONDITIONS_NAME, fix).items():
@@ -470,6 +474,9 @@ def bundle_generator(src: str | Path, out: str | Path = BUNDLED, dtype: torch.dt
         (tmp / WEIGHTS_NAME).write_bytes(safetensors_bytes(weights))
         (tmp / CONDITIONS_NAME).write_bytes((src / CONDITIONS_NAME).read_bytes())
         config = {**config, "storage_dtype": str(dtype).removeprefix("torch.")}
+        config["conditions"] = {**config["conditions"], "bases": [
+            {**b, "id": _portable_base(b["id"])} for b in config["conditions"]["bases"]]}
+        config["groups"] = [{**g, "bases": [_portable_base(b) for b in g["bases"]]} for g in config["groups"]]
         if sampling:
             config["sampling"] = sampling
         (tmp / CONFIG_NAME).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
@@ -478,15 +485,32 @@ def bundle_generator(src: str | Path, out: str | Path = BUNDLED, dtype: torch.dt
     return out
 
 
+def _portable_base(bid: str, expand: bool = False) -> str:
+    """A training base's id as a shipped generator records it: a dir under this machine's $ORAL_HOME (an
+    evolved version) as `$ORAL_HOME/...`, so the same version built elsewhere is recognized; expand=True
+    turns it back into this machine's path."""
+    if expand:
+        return expand_path(bid) if bid.startswith("$ORAL_HOME/") else bid
+    home = str(oral_home().resolve()) + "/"
+    return "$ORAL_HOME/" + bid[len(home):] if bid.startswith(home) else bid
+
+
 def generator_card(gen: str | Path, scores: dict | None = None, sampling: dict | None = None) -> str:
-    """A model card (markdown) for a trained generator: what it was trained on, its measured scores
-    on held-out descriptions (an `oral compare` result), its default sampling, and its limits."""
+    """A model card (markdown) for a trained generator: what it was trained on, its measured scores on
+    held-out descriptions (an `oral experiment` result, or an `oral compare` one), its default sampling,
+    and its limits."""
     gen = Path(gen)
     c = read_generator_config(gen)
     tasks = c["conditions"]["tasks"]
     t = c["train"]
+    spec = LoraSpec.from_dict(c["groups"][0]["spec"])
+    ranks = sorted({m.rank for g in c["groups"] for m in LoraSpec.from_dict(g["spec"]).modules})
+    names = {b["id"]: _short_base(b["id"]) for b in c["conditions"]["bases"]}
+    if scores and "versions" in scores:  # an experiment names each version's base
+        order = {base_id(b): int(v) for v, b in scores["versions"].items()}
+        names = {i: n + (f" (t{order[i]})" if i in order else "") for i, n in names.items()}
     lines = [
-        "# oral generator: smollm2-135m, LoRA r=4 on q_proj, v_proj",
+        f"# oral generator: smollm2-135m, LoRA r={'/'.join(map(str, ranks))} on {', '.join(spec.target_modules)}",
         "",
         "Generates PEFT LoRA adapters for SmolLM2-135M-Instruct (embedded as `smollm2-135m`) from a task",
         "description, with no gradient step: conditional recurrent diffusion over weight tokens (ORAL).",
@@ -494,12 +518,15 @@ def generator_card(gen: str | Path, scores: dict | None = None, sampling: dict |
         "## Training",
         f"- zoo: {c['num_samples']} LoRA checkpoints; manifest sha256 "
         + ", ".join(f"`{z['manifest_sha256'][:16]}`" for z in c["zoos"]),
-        f"- base versions: {', '.join(b['id'] for b in c['conditions']['bases'])} (t0 only)",
+        f"- base versions ({len(names)}): {', '.join(sorted(names.values(), key=_version_key))}"
+        + ("; the evolved ones are built by `oral evolve --chain --config configs/evolve-chain.yaml`"
+           if len(names) > 1 else ""),
         f"- tasks ({len(tasks)}): {', '.join(sorted(tasks))}, each with its training descriptions;"
         " held-out descriptions were never seen",
         f"- generator: preset `{t['preset']}` ({c['generator']['token_size']}-value tokens), {c['step']} steps"
         + (f" (of a {t['steps']}-step schedule)" if t["steps"] != c["step"] else "") + ","
-        f" batch {t['batch_size']}, lr {t['lr']}, EMA {t['ema_decay']}, {c['wall_s']:.0f} s of training",
+        f" batch {t['batch_size']}, lr {t['lr']}, EMA {t['ema_decay']}, {c.get('gauge', 'raw')} gauge,"
+        f" {c['wall_s']:.0f} s of training",
         f"- rebuild: `{BUNDLE_COMMAND}`",
     ]
     if sampling:
@@ -507,31 +534,83 @@ def generator_card(gen: str | Path, scores: dict | None = None, sampling: dict |
                   f"`oral generate` uses classifier-free guidance {sampling['guidance']:g}"
                   + (f" and {sampling['steps']} DDIM steps" if sampling.get("steps") else "") + " unless told otherwise"
                   + (f" ({sampling['chosen_by']})" if sampling.get("chosen_by") else "") + "."]
-    if scores:
-        lines += ["", "## Measured on held-out descriptions (test split)", "",
-                  "| task | n | base | trained LoRA | generated (mean +- sd) | recovered |", "|---|---|---|---|---|---|"]
-        for r in scores["rows"]:
-            rec = "-" if r["recovered_gain"] is None else f"{100 * r['recovered_gain']:.0f}%"
-            lines.append(f"| {r['task']} | {r['n']} | {r['base']:.3f} | {r['trained']:.3f} | "
-                         f"{r['generated_mean']:.3f} +- {r['generated_std']:.3f} ({len(r['generated'])}) | {rec} |")
-        cfg = scores["config"]
-        lines += ["", f"`oral compare --descriptions {cfg['descriptions']} --seeds "
-                      f"{','.join(map(str, cfg['seeds']))} --limit {cfg['limit']}` ({scores['wall_s']:.0f} s)"]
-    weak = [r for r in (scores or {}).get("rows", []) if r["recovered_gain"] is not None and r["recovered_gain"] < 0.5]
+    table = score_table(scores) if scores else []
+    if table:
+        lines += ["", f"## Measured on held-out descriptions ({table[0]['split']} split)", "",
+                  "| base | task | n | base model | trained LoRA | generated (mean +- sd) | recovered |",
+                  "|---|---|---|---|---|---|---|"]
+        for r in table:
+            rec = "-" if r["recovered"] is None else f"{100 * r['recovered']:.0f}%"
+            lines.append(f"| {r['version']} | {r['task']} | {r['n']} | {r['base']:.3f} | {r['trained']:.3f} | "
+                         f"{r['generated_mean']:.3f} +- {r['generated_sd']:.3f} ({r['samples']}) | {rec} |")
+        lines += ["", f"`{score_command(scores)}` ({scores['wall_s']:.0f} s)"]
+    weak = [r for r in table if r["recovered"] is not None and r["recovered"] < 0.5]
     lines += [
         "",
         "## Limits",
-        *[f"- Weak on {r['task']}: its adapters recover {100 * r['recovered_gain']:.0f}% of the trained LoRA's gain."
-          for r in weak],
-        "- It knows the tasks above on smollm2-135m t0. Asked for anything else it returns the adapter of the",
-        "  nearest known task (the prompt's nearest training description is reported, and a warning is",
-        f"  logged below similarity {FAMILIAR_SIMILARITY}); it has not been shown to make adapters for unseen"
-        " tasks or unseen base versions.",
-        "- Seeds give nearly the same adapter: one zoo run per task gives one mode per task.",
+        *[f"- Weak on {r['task']} ({r['version']}): its adapters recover {100 * r['recovered']:.0f}% of the trained"
+          " LoRA's gain." for r in weak],
+        "- It knows the tasks above on the base versions above. Asked for another task it returns an adapter near",
+        "  the nearest known task (the prompt's nearest training descriptions are reported, and a warning is",
+        f"  logged below similarity {FAMILIAR_SIMILARITY}); on a base outside its training versions a warning is"
+        " logged too.",
+        "  How far it carries to unseen tasks and base versions is measured in docs/RESULTS.md (\"Does it generalize?\").",
+        "- Seeds give nearly the same adapter: one zoo run per task and version gives one mode per cell.",
         "- The embedded base is dequantized from the Q4_1 GGUF of SmolLM2-135M-Instruct.",
         "",
     ]
     return "\n".join(lines)
+
+
+def _short_base(bid: str) -> str:
+    """A training base as a card names it: the embedded name, or an evolved version's dir name."""
+    return bid if bid in EMBEDDED else Path(bid).name
+
+
+def _version_key(name: str) -> tuple:
+    m = re.search(r"\(t(\d+)\)$", name)
+    return (int(m.group(1)) if m else -1, name)
+
+
+def score_table(scores: dict) -> list[dict]:
+    """One row per (base version, task) of a scores file: an `oral experiment` result (its base, oracle and
+    generated rows) or an `oral compare --json-out` one. Each: version, task, n, split, base, trained,
+    generated_mean, generated_sd, samples, recovered (the share of the trained LoRA's gain; None without one)."""
+    if "experiment" not in scores:  # oral compare
+        return [{"version": "t0", "task": r["task"], "n": r["n"], "split": scores["config"].get("split", "test"),
+                 "base": r["base"], "trained": r["trained"], "generated_mean": r["generated_mean"],
+                 "generated_sd": r["generated_std"], "samples": len(r["generated"]), "recovered": r["recovered_gain"]}
+                for r in scores["rows"]]
+    from oral.experiments.runner import DISTANCES, mean_sd
+
+    cells: dict[tuple[int, str], dict[str, list]] = {}
+    for r in scores["rows"]:
+        if r["method"] in ("base", "oracle", "generated") and r["metric"] not in DISTANCES:
+            cells.setdefault((r["version"], r["task"]), {}).setdefault(r["method"], []).append(r)
+    out = []
+    for (v, task), by in sorted(cells.items()):
+        if not all(by.get(m) for m in ("base", "oracle", "generated")):
+            continue
+        vals = [r["value"] for r in by["generated"]]
+        base, trained = by["base"][0]["value"], by["oracle"][0]["value"]
+        mean, sd = mean_sd(vals)
+        gain = trained - base
+        out.append({"version": f"t{v}", "task": task, "n": by["generated"][0]["n"], "split": by["generated"][0]["split"],
+                    "base": base, "trained": trained, "generated_mean": mean,
+                    "generated_sd": sd, "samples": len(vals),
+                    "recovered": (mean - base) / gain if gain > 0 else None})
+    return out
+
+
+def score_command(scores: dict) -> str:
+    """The command that measured a scores file (as far as it says)."""
+    if "experiment" not in scores:
+        cfg = scores["config"]
+        return (f"oral compare --descriptions {cfg['descriptions']} --seeds {','.join(map(str, cfg['seeds']))} "
+                f"--limit {cfg['limit']}")
+    cfg = scores["config"]
+    return (f"oral experiment {scores['experiment']}: versions {cfg['versions']}, {cfg['descriptions']} held-out"
+            f" descriptions x seeds {cfg['seeds']}, {cfg['limit']} {cfg['split']} examples, {cfg['steps']} DDIM steps")
 
 
 def list_generators(root: str | Path | None = None) -> list[dict]:

@@ -12,7 +12,8 @@ def add_parser(sub) -> None:
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     p.add_argument("--bundle", metavar="GEN", help="trained generator dir to ship as the bundled one")
-    p.add_argument("--scores", help="with --bundle: its `oral compare --json-out` result, for the model card")
+    p.add_argument("--scores", help="with --bundle: its scores on held-out descriptions, for the model card: an `oral "
+                                     "experiment` result (docs/results/exp-NAME.json) or an `oral compare --json-out` one")
     p.add_argument("--guidance", type=float, help="with --bundle: the guidance scale `oral generate` uses by default "
                                                   "(choose it on validation: `oral experiment seen`, generated-cfg)")
     p.add_argument("--steps", type=int, help="with --bundle: the DDIM steps `oral generate` uses by default "
@@ -30,7 +31,7 @@ def run(args) -> int:
     from oral.io import read_json
 
     if args.bundle:
-        scores = read_json(Path(args.scores), "run `oral compare ... --json-out` again") if args.scores else None
+        scores = read_json(Path(args.scores), "run the `oral experiment` (or `oral compare --json-out`) that wrote it again") if args.scores else None
         sampling = {"guidance": args.guidance, "chosen_by": args.guidance_note} if args.guidance is not None else None
         if args.steps is not None:
             sampling = {**(sampling or {"guidance": 1.0}), "steps": args.steps}

@@ -100,7 +100,7 @@ class ExperimentConfig:
     cache: str = "$ORAL_HOME/experiments"  # generated adapters and scores
 
 
-def _mean_sd(values: list[float]) -> tuple[float, float]:
+def mean_sd(values: list[float]) -> tuple[float, float]:
     return statistics.fmean(values), (statistics.stdev(values) if len(values) > 1 else 0.0)
 
 
@@ -480,11 +480,11 @@ def format_table(result: dict, metric: str | None = None) -> str:
                 if not vals:
                     row.append("-")
                 else:
-                    mean, sd = _mean_sd(vals)
+                    mean, sd = mean_sd(vals)
                     row.append(f"{mean:.3f}" + (f" +- {sd:.3f} ({len(vals)})" if len(vals) > 1 else ""))
             lines.append(f"| t{v} | {task} | " + " | ".join(row) + " |")
         if len(table) > 1:
-            means = {c: [_mean_sd(by[c])[0] for by in table.values() if by.get(c)] for c in cols}
+            means = {c: [mean_sd(by[c])[0] for by in table.values() if by.get(c)] for c in cols}
             lines.append("| all | mean of the cells | " + " | ".join(
                 f"{statistics.fmean(means[c]):.3f} ({len(means[c])} cells)" if means[c] else "-" for c in cols) + " |")
         lines.append("")
@@ -560,7 +560,7 @@ def plot(result: dict) -> bytes | None:
             xs, means, sds = [], [], []
             for j, k in enumerate(row):
                 if m in table[k]:
-                    mean, sd = _mean_sd(table[k][m])
+                    mean, sd = mean_sd(table[k][m])
                     xs.append(j + i * width)
                     means.append(mean)
                     sds.append(sd)
