@@ -26,6 +26,7 @@ COMMANDS = [
     "experiment",
     "bench",
     "serve",
+    "images",
 ]
 
 

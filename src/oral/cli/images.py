@@ -1,0 +1,63 @@
+"""oral images: the style sets (list, fetch) and the image base model (train, sample)."""
+
+import json
+
+
+def add_parser(sub) -> None:
+    p = sub.add_parser(
+        "images",
+        help="style sets and the text-to-image base model the style LoRAs adapt",
+        description="`oral images list` shows the style sets; `oral images fetch NAME` downloads one (npm); "
+                    "`oral images train-base [--config configs/image-base-emoji.yaml] [key=value ...]` trains "
+                    "the image base model (resumable); `oral images sample --base DIR PROMPT ...` draws with it.",
+    )
+    p.add_argument("action", choices=["list", "fetch", "train-base", "sample"], help="what to do")
+    p.add_argument("words", nargs="*", help="fetch: style set names; train-base: key=value overrides; sample: prompts")
+    p.add_argument("--config", help="train-base: a YAML ImageBaseConfig")
+    p.add_argument("--out", help="train-base: the model dir (default $ORAL_HOME/image-bases/<style>); "
+                                 "sample: the PNG to write (default samples.png)")
+    p.add_argument("--base", help="sample: a trained image base dir")
+    p.add_argument("--steps", type=int, default=50, help="sample: DDIM steps")
+    p.add_argument("--guidance", type=float, default=3.0, help="sample: classifier-free guidance scale")
+    p.add_argument("--seed", type=int, default=0, help="sample: seed")
+    p.add_argument("--json", action="store_true", help="list: print JSON")
+    p.set_defaults(func=run, extra_words="words")
+
+
+def run(args) -> int:
+    from dataclasses import asdict
+
+    from oral.image.data import STYLE_SETS, fetch_style_set, style_dir
+
+    if args.action == "list":
+        rows = [{**asdict(s), "fetched": (style_dir(s.name) / "emoji.json").is_file()} for s in STYLE_SETS.values()]
+        if args.json:
+            print(json.dumps(rows, indent=2))
+            return 0
+        for r in rows:
+            print(f"{r['name']:<16} {'fetched' if r['fetched'] else 'not fetched':<12} {r['license']:<22} "
+                  f"{'' if r['free'] else '(research runs only) '}{r['description']}")
+        return 0
+    if args.action == "fetch":
+        for name in args.words or ["emoji-google"]:
+            print(f"{name}: {fetch_style_set(name)}")
+        return 0
+    if args.action == "train-base":
+        from pathlib import Path
+
+        from oral.config import load_config
+        from oral.image.base import ImageBaseConfig, train_image_base
+        from oral.paths import expand_path, oral_home
+
+        cfg = load_config(ImageBaseConfig, args.config, args.words)
+        fetch_style_set(cfg.style)
+        out = Path(expand_path(args.out)) if args.out else oral_home() / "image-bases" / cfg.style
+        print(f"image base: {train_image_base(out, cfg)}")
+        return 0
+    from oral.image.base import ImageBase, write_sample_grid
+
+    if not args.base or not args.words:
+        raise SystemExit("oral images sample: give --base DIR and at least one prompt")
+    base = ImageBase.from_pretrained(args.base)
+    print(write_sample_grid(base, args.out or "samples.png", args.words, args.steps, args.guidance, args.seed))
+    return 0

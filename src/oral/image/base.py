@@ -1,0 +1,343 @@
+"""The image base model: a small text-to-image diffusion model of our own, on diffusers' code path.
+
+A diffusers `UNet2DConditionModel` in pixel space (RGB, `size` px), conditioned by cross-attention on
+the token embeddings of the subject's name from the text encoder the project already ships
+(all-MiniLM-L6-v2), trained with diffusers' DDPM noise schedule on one style set, sampled with DDIM
+and classifier-free guidance. It is the base the style LoRAs adapt, as Stable Diffusion is in the paper.
+
+    oral image-base --config configs/image-base-emoji.yaml          # train (resumable)
+    base = ImageBase.from_pretrained(dir)                            # the exported model
+    images = base.sample(["cat face", "red apple"], seed=0)          # (2, 3, S, S) in [-1, 1]
+
+Files of a trained base (OUT/): unet/ (diffusers' save_pretrained: config.json and safetensors,
+the EMA weights), scheduler/ (diffusers' DDPMScheduler config), image_base.json (the text encoder,
+the size, the style set, the step), loss.csv, samples.png (held-out subjects), checkpoints/<step>/.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import io
+import json
+import logging
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from oral.conditions import DEFAULT_TEXT_ENCODER, TextEncoder
+from oral.image.data import load_style_set, style_set
+from oral.io import (
+    atomic_dir,
+    atomic_write_bytes,
+    atomic_write_text,
+    read_json,
+    remove_debris,
+)
+from oral.progress import progress_bar
+from oral.training import (
+    SCHEDULES,
+    latest_checkpoint,
+    load_checkpoint,
+    lr_at,
+    resolve_device,
+    save_checkpoint,
+    set_lr,
+    step_rng,
+)
+
+log = logging.getLogger(__name__)
+
+META_NAME = "image_base.json"
+UNET_DIR = "unet"
+SCHEDULER_DIR = "scheduler"
+CHECKPOINTS = "checkpoints"
+SAMPLES_NAME = "samples.png"  # held-out subjects drawn by the final model
+SAMPLE_COUNT = 16
+
+
+class ImageBaseError(ValueError):
+    """A bad image-base config, or a dir that holds no trained image base."""
+
+
+@dataclass
+class ImageBaseConfig:
+    """How the image base model is built and trained (configs/image-base-emoji.yaml)."""
+
+    style: str = "emoji-google"  # the style set it learns to draw (oral.image.data.STYLE_SETS)
+    size: int = 32  # pixels a side
+    channels: list[int] = field(default_factory=lambda: [32, 64, 64])  # per UNet level; attention on all but the first
+    layers_per_block: int = 1
+    head_dim: int = 8  # attention head size
+    norm_groups: int = 16
+    text_encoder: str = DEFAULT_TEXT_ENCODER
+    text_tokens: int = 16  # the name's token embeddings, padded or cut to this many
+    steps: int = 6000
+    batch_size: int = 16
+    lr: float = 3.0e-4
+    warmup_steps: int = 200
+    schedule: str = "cosine"
+    min_lr_ratio: float = 0.1
+    weight_decay: float = 0.0
+    ema_decay: float = 0.999  # diffusers' EMAModel
+    cond_dropout: float = 0.1  # share of names replaced by the empty one (classifier-free guidance)
+    train_timesteps: int = 1000
+    beta_schedule: str = "squaredcos_cap_v2"
+    prediction_type: str = "epsilon"
+    limit: int | None = None  # train on the first N subjects only (tests)
+    seed: int = 0
+    save_every: int = 500
+    keep_checkpoints: int = 1
+    log_every: int = 50
+    sample_steps: int = 50  # DDIM steps of the exported sample grid
+    sample_guidance: float = 3.0
+    device: str = "auto"
+
+    def __post_init__(self) -> None:
+        style_set(self.style)  # unknown names fail here
+        if self.size % 2 ** (len(self.channels) - 1):
+            raise ImageBaseError(f"size {self.size} must be divisible by 2^{len(self.channels) - 1} "
+                                 f"(one halving per UNet level after the first)")
+        if any(c % self.norm_groups for c in self.channels):
+            raise ImageBaseError(f"every channel count ({self.channels}) must be divisible by norm_groups={self.norm_groups}")
+        if self.schedule not in SCHEDULES:
+            raise ImageBaseError(f"schedule must be one of {', '.join(SCHEDULES)}, got {self.schedule!r}")
+        if self.prediction_type not in ("epsilon", "v_prediction", "sample"):
+            raise ImageBaseError(f"prediction_type must be epsilon, v_prediction or sample, got {self.prediction_type!r}")
+
+
+def build_unet(cfg: ImageBaseConfig, text_dim: int = 384):
+    """The UNet: plain ResNet blocks at full size, cross-attention to the name at every smaller level."""
+    from diffusers import UNet2DConditionModel
+
+    levels = len(cfg.channels)
+    return UNet2DConditionModel(
+        sample_size=cfg.size, in_channels=3, out_channels=3, layers_per_block=cfg.layers_per_block,
+        block_out_channels=tuple(cfg.channels),
+        down_block_types=("DownBlock2D",) + ("CrossAttnDownBlock2D",) * (levels - 1),
+        up_block_types=("CrossAttnUpBlock2D",) * (levels - 1) + ("UpBlock2D",),
+        cross_attention_dim=text_dim, attention_head_dim=cfg.head_dim, norm_num_groups=cfg.norm_groups,
+    )
+
+
+def build_scheduler(cfg: ImageBaseConfig):
+    from diffusers import DDPMScheduler
+
+    return DDPMScheduler(num_train_timesteps=cfg.train_timesteps, beta_schedule=cfg.beta_schedule,
+                         prediction_type=cfg.prediction_type, clip_sample=True)
+
+
+# -----------------------------------------------------------------------------
+# The name as the UNet reads it
+
+
+class NameEncoder:
+    """Names -> (n, text_tokens, dim) token embeddings of the text encoder and (n, text_tokens) masks."""
+
+    def __init__(self, name: str = DEFAULT_TEXT_ENCODER, tokens: int = 16):
+        self.encoder = TextEncoder(name)
+        self.tokens = tokens
+        self.dim = self.encoder.dim
+
+    @torch.no_grad()
+    def __call__(self, names: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        out = self.encoder.model.encode(names, output_value="token_embeddings", show_progress_bar=False)
+        emb = torch.zeros(len(names), self.tokens, self.dim)  # (n, L, dim)
+        mask = torch.zeros(len(names), self.tokens, dtype=torch.bool)  # (n, L)
+        for i, e in enumerate(out):
+            k = min(len(e), self.tokens)
+            emb[i, :k] = e[:k].float().cpu()
+            mask[i, :k] = True
+        return emb, mask
+
+
+# -----------------------------------------------------------------------------
+# Training
+
+
+def train_image_base(out: str | Path, cfg: ImageBaseConfig | None = None, stop_at: int | None = None) -> Path:
+    """Train (or resume) the image base model into `out`; returns `out`.
+
+    stop_at: stop after this step (a checkpoint is written there), as if interrupted."""
+    from diffusers.training_utils import EMAModel
+
+    cfg = cfg or ImageBaseConfig()
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    remove_debris(out)
+    device = resolve_device(cfg.device)
+
+    # 1) data: the style set's training subjects and their names' embeddings (the empty name: the null condition)
+    images, names = load_style_set(cfg.style, cfg.size, split="train", limit=cfg.limit)
+    encoder = NameEncoder(cfg.text_encoder, cfg.text_tokens)
+    emb, mask = encoder(names + [""])  # (N + 1, L, dim), (N + 1, L)
+    null_emb, null_mask = emb[-1:], mask[-1:]
+    emb, mask = emb[:-1], mask[:-1]
+    log.info("image base: %d subjects of %s at %d px", len(names), cfg.style, cfg.size)
+
+    # 2) model, optimizer, EMA, noise schedule
+    torch.manual_seed(cfg.seed)
+    unet = build_unet(cfg, encoder.dim).to(device)
+    ema = EMAModel(unet.parameters(), decay=cfg.ema_decay)
+    opt = torch.optim.AdamW(unet.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    scheduler = build_scheduler(cfg)
+    run_key = {k: v for k, v in json.loads(json.dumps(dataclasses.asdict(cfg))).items()
+               if k not in ("steps", "device", "save_every", "keep_checkpoints", "log_every", "sample_steps",
+                            "sample_guidance")}
+    start, rows = 0, []
+    last = latest_checkpoint(out / CHECKPOINTS)
+    if last is not None:
+        state, extra = load_checkpoint(last, unet, opt, run_key, tensors=("ema",),
+                                       fix=f"resume with the same config, or give a new --out than {out}")
+        with torch.no_grad():
+            for s, (name, _) in zip(ema.shadow_params, unet.named_parameters()):
+                s.copy_(extra["ema"][name])
+        start = ema.optimization_step = int(state["step"])
+        rows = state.get("loss_log", [])
+        log.info("resumed from %s (step %d)", last, start)
+
+    images, emb, mask = images.to(device), emb.to(device), mask.to(device)
+    null_emb, null_mask = null_emb.to(device), null_mask.to(device)
+    end = cfg.steps if stop_at is None else min(cfg.steps, stop_at)
+    t0 = time.time() - (rows[-1]["wall_s"] if rows else 0.0)
+    bar = progress_bar(range(start, end), initial=start, total=cfg.steps, desc="train image base")
+    for step in bar:
+        done = step + 1
+        rng = step_rng(cfg.seed, step)
+        # 3) a batch: pictures, their names (some replaced by the empty name), noise at random timesteps
+        idx = torch.randint(0, len(images), (cfg.batch_size,), generator=rng)
+        x0 = images[idx.to(device)]  # (B, 3, S, S)
+        drop = (torch.rand(cfg.batch_size, generator=rng) < cfg.cond_dropout).to(device)  # (B,)
+        c = torch.where(drop[:, None, None], null_emb, emb[idx.to(device)])  # (B, L, dim)
+        m = torch.where(drop[:, None], null_mask, mask[idx.to(device)])  # (B, L)
+        noise = torch.randn(x0.shape, generator=rng).to(device)
+        t = torch.randint(0, cfg.train_timesteps, (cfg.batch_size,), generator=rng).to(device)
+        x_t = scheduler.add_noise(x0, noise, t)
+        target = {"epsilon": noise, "sample": x0, "v_prediction": scheduler.get_velocity(x0, noise, t)}[cfg.prediction_type]
+        # 4) the loss, one optimizer step, EMA
+        lr = lr_at(done, lr=cfg.lr, warmup_steps=cfg.warmup_steps, total_steps=cfg.steps, schedule=cfg.schedule,
+                   min_lr_ratio=cfg.min_lr_ratio)
+        set_lr(opt, lr)
+        pred = unet(x_t, t, encoder_hidden_states=c, encoder_attention_mask=m).sample  # (B, 3, S, S)
+        loss = torch.nn.functional.mse_loss(pred, target)
+        if not math.isfinite(loss.item()):
+            raise ImageBaseError(f"the loss became {loss.item()} at step {done}; lower lr")
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        ema.step(unet.parameters())
+        if done % cfg.log_every == 0 or done == end:
+            rows.append({"step": done, "loss": round(loss.item(), 6), "lr": lr, "wall_s": round(time.time() - t0, 1)})
+            bar.set_postfix(loss=f"{loss.item():.4f}", lr=f"{lr:.2e}")
+        if done % cfg.save_every == 0 or done == end:
+            weights = {n: s for (n, _), s in zip(unet.named_parameters(), ema.shadow_params)}
+            save_checkpoint(out / CHECKPOINTS, done, unet, opt, run_key, state={"loss_log": rows},
+                            tensors={"ema": weights}, keep=cfg.keep_checkpoints)
+            _export(out, cfg, encoder.dim, weights, scheduler, done, time.time() - t0, rows)
+    bar.close()
+    if start >= end and not (out / META_NAME).is_file():  # a run killed after its last checkpoint
+        weights = {n: s for (n, _), s in zip(unet.named_parameters(), ema.shadow_params)}
+        _export(out, cfg, encoder.dim, weights, scheduler, start, time.time() - t0, rows)
+    if end == cfg.steps and (start < end or not (out / SAMPLES_NAME).is_file()):
+        _, held_out = load_style_set(cfg.style, cfg.size, split="test")
+        write_sample_grid(ImageBase.from_pretrained(out, cfg.device), out / SAMPLES_NAME, held_out[:SAMPLE_COUNT],
+                          cfg.sample_steps, cfg.sample_guidance)
+    return out
+
+
+def _export(out: Path, cfg: ImageBaseConfig, text_dim: int, weights: dict, scheduler, step: int, wall_s: float,
+            rows: list[dict]) -> None:
+    """OUT/unet, OUT/scheduler, OUT/image_base.json (last: a reader never sees a half-written base), loss.csv."""
+    unet = build_unet(cfg, text_dim)
+    unet.load_state_dict({k: v.detach().cpu() for k, v in weights.items()})
+    with atomic_dir(out / UNET_DIR, overwrite=True) as tmp:
+        unet.save_pretrained(tmp, safe_serialization=True)
+    with atomic_dir(out / SCHEDULER_DIR, overwrite=True) as tmp:
+        scheduler.save_pretrained(tmp)
+    atomic_write_text(out / "loss.csv", "step,loss,lr,wall_s\n" + "".join(
+        f"{r['step']},{r['loss']},{r['lr']},{r['wall_s']}\n" for r in rows))
+    meta = {"format": "oral-image-base", "step": step, "wall_s": round(wall_s, 1), "style": cfg.style,
+            "size": cfg.size, "text_encoder": cfg.text_encoder, "text_tokens": cfg.text_tokens,
+            "train": dataclasses.asdict(cfg)}
+    atomic_write_text(out / META_NAME, json.dumps(meta, indent=2, sort_keys=True) + "\n")
+
+
+# -----------------------------------------------------------------------------
+# Sampling
+
+
+class ImageBase:
+    """A trained image base model: its UNet, noise schedule and name encoder."""
+
+    def __init__(self, path: Path, meta: dict, unet, scheduler_config: dict, names: NameEncoder,
+                 device: torch.device):
+        self.path, self.meta, self.unet, self.scheduler_config = path, meta, unet, scheduler_config
+        self.names, self.device = names, device
+        self.size = int(meta["size"])
+
+    @classmethod
+    def from_pretrained(cls, path: str | Path, device: str = "cpu") -> ImageBase:
+        from diffusers import DDIMScheduler, UNet2DConditionModel
+
+        path = Path(path)
+        if not (path / META_NAME).is_file():
+            raise ImageBaseError(f"{path} holds no trained image base ({META_NAME} is missing); train one with "
+                                 "`oral image-base --config configs/image-base-emoji.yaml --out DIR`")
+        meta = read_json(path / META_NAME, f"train it again with `oral image-base --out {path}`")
+        dev = resolve_device(device)
+        unet = UNet2DConditionModel.from_pretrained(path / UNET_DIR).to(dev).eval()
+        scheduler_config = dict(DDIMScheduler.load_config(path / SCHEDULER_DIR))
+        return cls(path, meta, unet, scheduler_config, NameEncoder(meta["text_encoder"], meta["text_tokens"]), dev)
+
+    @torch.no_grad()
+    def sample(self, prompts: list[str], steps: int = 50, guidance: float = 3.0, seed: int = 0,
+               unet=None) -> torch.Tensor:
+        """Pictures of `prompts`: (n, 3, S, S) in [-1, 1]; DDIM, classifier-free guidance (1: none).
+        unet: another UNet to sample with (the same one with a LoRA loaded)."""
+        from diffusers import DDIMScheduler
+
+        unet = unet or self.unet
+        sched = DDIMScheduler.from_config(self.scheduler_config)
+        sched.set_timesteps(steps)
+        n = len(prompts)
+        emb, mask = self.names(list(prompts) + [""])
+        cond = torch.cat([emb[:n], emb[n:].expand(n, -1, -1)]).to(self.device)  # (2n, L, dim)
+        cmask = torch.cat([mask[:n], mask[n:].expand(n, -1)]).to(self.device)  # (2n, L)
+        g = torch.Generator().manual_seed(seed)
+        x = torch.randn(n, 3, self.size, self.size, generator=g).to(self.device)
+        for t in sched.timesteps:
+            out = unet(torch.cat([x, x]), t, encoder_hidden_states=cond, encoder_attention_mask=cmask).sample
+            c, u = out.chunk(2)
+            x = sched.step(u + guidance * (c - u), t, x).prev_sample
+        return x.clamp(-1, 1).cpu()
+
+
+def image_grid(images: torch.Tensor, labels: list[str] | None = None, columns: int = 8, scale: int = 2) -> bytes:
+    """PNG bytes: images (n, 3, S, S) in [-1, 1] on a grid, each scaled up `scale` times, a label under each."""
+    from PIL import Image, ImageDraw
+
+    n, _, S, _ = images.shape
+    cell, text_h = S * scale, 12 if labels else 0
+    rows = math.ceil(n / columns)
+    grid = Image.new("RGB", (columns * cell, rows * (cell + text_h)), "white")
+    draw = ImageDraw.Draw(grid)
+    pixels = ((images.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1)  # (n, S, S, 3)
+    for i in range(n):
+        im = Image.fromarray(pixels[i].numpy()).resize((cell, cell), Image.Resampling.NEAREST)
+        x, y = (i % columns) * cell, (i // columns) * (cell + text_h)
+        grid.paste(im, (x, y))
+        if labels:
+            draw.text((x + 1, y + cell), labels[i][: cell // 6], fill="black")
+    buf = io.BytesIO()
+    grid.save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def write_sample_grid(base: ImageBase, out: str | Path, prompts: list[str], steps: int = 50, guidance: float = 3.0,
+                      seed: int = 0) -> Path:
+    """Sample `prompts` and write them as a labelled grid PNG at `out`."""
+    out = Path(out)
+    atomic_write_bytes(out, image_grid(base.sample(prompts, steps, guidance, seed), prompts))
+    return out

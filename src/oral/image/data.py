@@ -1,0 +1,171 @@
+"""Style sets: the same named subjects drawn in different house styles, fetched once, read at run time.
+
+A style set is a public package of small pictures with a name for each subject. The pictures are
+never copied into the repository: `fetch_style_set` downloads the package (`npm pack`) into
+$ORAL_HOME/images/<set>/ and keeps only the index and the pictures; `load_style_set` reads them as
+RGB tensors on a white background at the size asked for, each with its subject's name.
+
+    fetch_style_set("emoji-google")                      # once; `oral images fetch emoji-google`
+    images, subjects = load_style_set("emoji-google", size=32)   # (N, 3, 32, 32) in [-1, 1], N names
+
+Subjects are split once, by a hash of the name, into train and test (TEST_SHARE of them): the base
+model never sees a test subject, so sample grids and subject accuracy can be measured on names it
+was not trained on.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+import subprocess
+import tarfile
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors.torch import save as safetensors_bytes
+
+from oral.io import (
+    atomic_dir,
+    atomic_write_bytes,
+    atomic_write_json,
+    load_safetensors,
+    read_json,
+)
+from oral.paths import oral_home
+
+
+class StyleSetError(ValueError):
+    """A style set that is unknown, not fetched, or damaged."""
+
+
+@dataclass(frozen=True)
+class StyleSet:
+    """A package of pictures in one house style, with a name per subject."""
+
+    name: str  # "emoji-google"
+    package: str  # what `npm pack` fetches, pinned: "emoji-datasource-google@16.0.0"
+    folder: str  # the pictures inside the package: "img/google/64"
+    flag: str  # the emoji.json field that says a subject has a picture in this set: "has_img_google"
+    license: str
+    free: bool  # False: research runs only (never shipped, never in the repository)
+    description: str  # the style in words, as a user might ask for it
+
+
+# The emoji-datasource packages: the same ~1,900 subjects (emoji.json names them) in four house styles, 64x64 RGBA.
+EMOJI_VERSION = "16.0.0"
+STYLE_SETS: dict[str, StyleSet] = {
+    s.name: s for s in (
+        StyleSet("emoji-google", f"emoji-datasource-google@{EMOJI_VERSION}", "img/google/64", "has_img_google",
+                 "Apache-2.0", True, "glossy rounded emoji in Google's Noto style"),
+        StyleSet("emoji-twitter", f"emoji-datasource-twitter@{EMOJI_VERSION}", "img/twitter/64", "has_img_twitter",
+                 "CC-BY-4.0", True, "flat pastel emoji in the Twitter style"),
+        StyleSet("emoji-apple", f"emoji-datasource-apple@{EMOJI_VERSION}", "img/apple/64", "has_img_apple",
+                 "Apple's (not free)", False, "shaded three-dimensional emoji in Apple's style"),
+        StyleSet("emoji-facebook", f"emoji-datasource-facebook@{EMOJI_VERSION}", "img/facebook/64", "has_img_facebook",
+                 "Facebook's (not free)", False, "bold outlined emoji in Facebook's style"),
+    )
+}
+INDEX = "emoji.json"
+TEST_SHARE = 0.1  # the share of subjects held out of every training run (by a hash of the name)
+
+
+def style_set(name: str) -> StyleSet:
+    """The style set called `name`, or an error listing the known ones."""
+    if name not in STYLE_SETS:
+        raise StyleSetError(f"unknown style set {name!r}; known: {', '.join(STYLE_SETS)}")
+    return STYLE_SETS[name]
+
+
+def style_dir(name: str) -> Path:
+    """Where a fetched style set lives: $ORAL_HOME/images/<name>."""
+    return oral_home() / "images" / style_set(name).name
+
+
+def fetch_style_set(name: str, npm: str = "npm") -> Path:
+    """Download a style set's package once (`npm pack`) and keep its index and pictures; returns its dir.
+
+    Already fetched: returns at once. The dir appears complete or not at all (atomic rename)."""
+    s = style_set(name)
+    final = style_dir(name)
+    if (final / INDEX).is_file():
+        return final
+    if shutil.which(npm) is None:
+        raise StyleSetError(f"fetching {name} needs npm (`apt-get install -y npm`), or unpack `npm pack {s.package}` "
+                            f"yourself: {INDEX} and {s.folder}/ into {final}")
+    with tempfile.TemporaryDirectory() as tmp:
+        run = subprocess.run([npm, "pack", s.package, "--silent"], cwd=tmp, capture_output=True, text=True, check=False)
+        tgz = sorted(Path(tmp).glob("*.tgz"))
+        if run.returncode != 0 or not tgz:
+            raise StyleSetError(f"`npm pack {s.package}` failed ({run.stderr.strip()[-300:] or 'no archive'}); "
+                                "check the network or the npm registry setting")
+        with tarfile.open(tgz[0]) as tar, atomic_dir(final, overwrite=True) as out:
+            wanted = [m for m in tar.getmembers() if m.isfile() and (
+                m.name == f"package/{INDEX}" or m.name.startswith(f"package/{s.folder}/"))]
+            for m in wanted:
+                m.name = m.name.removeprefix("package/")
+            tar.extractall(out, members=wanted, filter="data")
+    if not (final / INDEX).is_file():
+        raise StyleSetError(f"{s.package} has no {INDEX}; the package layout changed (pinned version {EMOJI_VERSION})")
+    return final
+
+
+def is_test_subject(subject: str) -> bool:
+    """Whether a subject is held out of training (a fixed share, by a hash of its name)."""
+    h = int.from_bytes(hashlib.sha256(subject.encode()).digest()[:4], "big")
+    return h / 2**32 < TEST_SHARE
+
+
+def subjects_of(name: str) -> list[tuple[str, Path]]:
+    """(subject name, picture path) of every subject the set draws, in the index's order."""
+    s = style_set(name)
+    root = style_dir(name)
+    if not (root / INDEX).is_file():
+        raise StyleSetError(f"style set {name} is not fetched; run `oral images fetch {name}`")
+    entries = json.loads((root / INDEX).read_text(encoding="utf-8"))
+    out, seen = [], set()
+    for e in sorted(entries, key=lambda e: e.get("sort_order", 0)):
+        subject = (e.get("name") or "").lower()
+        path = root / s.folder / e.get("image", "")
+        if subject and e.get(s.flag) and path.is_file() and subject not in seen:
+            seen.add(subject)
+            out.append((subject, path))
+    if not out:
+        raise StyleSetError(f"{root} holds no pictures of {name}; remove it and fetch it again")
+    return out
+
+
+def to_tensor(path: Path, size: int) -> torch.Tensor:
+    """A picture -> (3, size, size) float32 in [-1, 1], transparent parts white, resized by area."""
+    from PIL import Image
+
+    with Image.open(path) as im:
+        im = im.convert("RGBA")
+        white = Image.new("RGBA", im.size, (255, 255, 255, 255))
+        rgb = Image.alpha_composite(white, im).convert("RGB")
+        if rgb.size != (size, size):
+            rgb = rgb.resize((size, size), Image.Resampling.BOX)
+        x = torch.frombuffer(bytearray(rgb.tobytes()), dtype=torch.uint8).reshape(size, size, 3)
+    return x.permute(2, 0, 1).float() / 127.5 - 1.0  # (3, size, size)
+
+
+def load_style_set(name: str, size: int = 32, split: str = "train", limit: int | None = None
+                   ) -> tuple[torch.Tensor, list[str]]:
+    """(images (N, 3, size, size) in [-1, 1], subject names) of one split ("train", "test" or "all")."""
+    if split not in ("train", "test", "all"):
+        raise StyleSetError(f"split must be train, test or all, got {split!r}")
+    pairs = [(s, p) for s, p in subjects_of(name) if split == "all" or is_test_subject(s) == (split == "test")]
+    pairs = pairs[:limit] if limit is not None else pairs
+    cache = style_dir(name) / f"tensors-{size}-{split}-{len(pairs)}.safetensors"
+    names = [s for s, _ in pairs]
+    if cache.is_file():
+        cached = load_safetensors(cache, "remove it; it is rebuilt from the pictures")
+        meta = read_json(cache.with_suffix(".json"), "remove it; it is rebuilt") if cache.with_suffix(".json").is_file() else {}
+        if meta.get("subjects") == names:
+            return cached["images"], names
+    images = torch.stack([to_tensor(p, size) for _, p in pairs])  # (N, 3, size, size)
+    atomic_write_bytes(cache, safetensors_bytes({"images": images.contiguous()}))
+    atomic_write_json(cache.with_suffix(".json"), {"subjects": names})
+    return images, names

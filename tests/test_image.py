@@ -1,0 +1,84 @@
+"""The image domain: style sets read from a fetched package, and the image base model (train, resume, sample)."""
+
+import json
+
+import pytest
+import torch
+
+
+@pytest.fixture
+def style_home(tmp_path, monkeypatch):
+    """$ORAL_HOME with a fetched emoji-google set of 24 subjects (4x4 coloured squares, one transparent corner)."""
+    from PIL import Image
+
+    monkeypatch.setenv("ORAL_HOME", str(tmp_path / "home"))
+    root = tmp_path / "home" / "images" / "emoji-google"
+    (root / "img" / "google" / "64").mkdir(parents=True)
+    entries = []
+    for i in range(24):
+        im = Image.new("RGBA", (4, 4), (10 * i, 255 - 10 * i, 128, 255))
+        im.putpixel((0, 0), (0, 0, 0, 0))
+        im.save(root / "img" / "google" / "64" / f"{i:04x}.png")
+        entries.append({"name": f"SUBJECT {i}", "image": f"{i:04x}.png", "has_img_google": True, "sort_order": i})
+    entries.append({"name": "NO PICTURE", "image": "ffff.png", "has_img_google": False, "sort_order": 99})
+    (root / "emoji.json").write_text(json.dumps(entries))
+    return root
+
+
+def test_a_style_set_reads_named_pictures_on_white_and_holds_test_subjects_out_of_training(style_home):
+    from oral.image.data import is_test_subject, load_style_set
+
+    train, train_names = load_style_set("emoji-google", size=2, split="train")
+    _, test_names = load_style_set("emoji-google", size=2, split="test")
+    everything, names = load_style_set("emoji-google", size=4, split="all")
+    assert len(names) == 24 and "no picture" not in names and names[0] == "subject 0"
+    assert test_names and sorted(train_names + test_names) == sorted(names) and not set(train_names) & set(test_names)
+    assert all(is_test_subject(n) for n in test_names) and not any(is_test_subject(n) for n in train_names)
+    assert everything.shape == (24, 3, 4, 4) and train.shape == (len(train_names), 3, 2, 2)
+    assert torch.equal(everything[:, :, 0, 0], torch.ones(24, 3))  # the transparent corner is white
+    assert everything[1, :, 1, 1].tolist() == pytest.approx([10 / 127.5 - 1, 245 / 127.5 - 1, 128 / 127.5 - 1], abs=1e-6)
+    again, _ = load_style_set("emoji-google", size=4, split="all")  # from the tensor cache
+    assert torch.equal(again, everything)
+
+
+def test_an_unknown_or_unfetched_style_set_says_how_to_get_one(tmp_path, monkeypatch):
+    from oral.image.data import StyleSetError, load_style_set
+
+    monkeypatch.setenv("ORAL_HOME", str(tmp_path))
+    with pytest.raises(StyleSetError, match="known: emoji-google"):
+        load_style_set("emoji-goggle")
+    with pytest.raises(StyleSetError, match="oral images fetch emoji-twitter"):
+        load_style_set("emoji-twitter")
+
+
+def test_a_bad_image_base_config_is_refused_with_the_rule():
+    from oral.image.base import ImageBaseConfig, ImageBaseError
+
+    with pytest.raises(ImageBaseError, match="divisible by 2\\^2"):
+        ImageBaseConfig(size=30, channels=[16, 32, 32])
+    with pytest.raises(ImageBaseError, match="norm_groups"):
+        ImageBaseConfig(channels=[16, 24], norm_groups=16)
+
+
+def test_the_image_base_trains_resumes_to_the_same_weights_and_samples_through_diffusers(style_home, tmp_path):
+    from diffusers import UNet2DConditionModel
+
+    from oral.image.base import ImageBase, ImageBaseConfig, train_image_base
+
+    cfg = ImageBaseConfig(size=8, channels=[8, 16], norm_groups=8, head_dim=4, text_tokens=6, steps=6, batch_size=4,
+                          warmup_steps=2, save_every=3, log_every=1, sample_steps=3, device="cpu")
+    straight = train_image_base(tmp_path / "straight", cfg)
+    train_image_base(tmp_path / "resumed", cfg, stop_at=3)
+    assert not (tmp_path / "resumed" / "samples.png").exists()
+    resumed = train_image_base(tmp_path / "resumed", cfg)
+    a = UNet2DConditionModel.from_pretrained(straight / "unet").state_dict()
+    b = UNet2DConditionModel.from_pretrained(resumed / "unet").state_dict()
+    assert all(torch.allclose(a[k], b[k], atol=1e-6) for k in a)
+    losses = [r.split(",")[1] for r in (straight / "loss.csv").read_text().splitlines()[1:]]
+    assert losses == [r.split(",")[1] for r in (resumed / "loss.csv").read_text().splitlines()[1:]] and len(losses) == 6
+    assert (straight / "samples.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    base = ImageBase.from_pretrained(straight)
+    x = base.sample(["subject 1", "a red square"], steps=3, guidance=2.0, seed=1)
+    assert x.shape == (2, 3, 8, 8) and x.abs().max() <= 1
+    assert torch.equal(x, base.sample(["subject 1", "a red square"], steps=3, guidance=2.0, seed=1))
+    assert not torch.equal(x[0], x[1])
