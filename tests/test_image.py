@@ -6,23 +6,33 @@ import pytest
 import torch
 
 
-@pytest.fixture
-def style_home(tmp_path, monkeypatch):
-    """$ORAL_HOME with a fetched emoji-google set of 24 subjects (4x4 coloured squares, one transparent corner)."""
+def _fake_style_set(home, name: str, folder: str, flag: str, shade: int) -> None:
+    """A fetched style set of 24 subjects: 4x4 coloured squares with one transparent corner."""
     from PIL import Image
 
-    monkeypatch.setenv("ORAL_HOME", str(tmp_path / "home"))
-    root = tmp_path / "home" / "images" / "emoji-google"
-    (root / "img" / "google" / "64").mkdir(parents=True)
+    root = home / "images" / name
+    (root / folder).mkdir(parents=True)
     entries = []
     for i in range(24):
-        im = Image.new("RGBA", (4, 4), (10 * i, 255 - 10 * i, 128, 255))
+        im = Image.new("RGBA", (4, 4), (10 * i, 255 - 10 * i, shade, 255))
         im.putpixel((0, 0), (0, 0, 0, 0))
-        im.save(root / "img" / "google" / "64" / f"{i:04x}.png")
-        entries.append({"name": f"SUBJECT {i}", "image": f"{i:04x}.png", "has_img_google": True, "sort_order": i})
-    entries.append({"name": "NO PICTURE", "image": "ffff.png", "has_img_google": False, "sort_order": 99})
+        im.save(root / folder / f"{i:04x}.png")
+        entries.append({"name": f"SUBJECT {i}", "image": f"{i:04x}.png", flag: True, "sort_order": i})
+    entries.append({"name": "NO PICTURE", "image": "ffff.png", flag: False, "sort_order": 99})
     (root / "emoji.json").write_text(json.dumps(entries))
-    return root
+
+
+@pytest.fixture
+def style_home(tmp_path, monkeypatch):
+    """$ORAL_HOME with fetched emoji-google and emoji-twitter sets (the same 24 subjects, other colours)."""
+    monkeypatch.setenv("ORAL_HOME", str(tmp_path / "home"))
+    _fake_style_set(tmp_path / "home", "emoji-google", "img/google/64", "has_img_google", 128)
+    _fake_style_set(tmp_path / "home", "emoji-twitter", "img/twitter/64", "has_img_twitter", 0)
+    return tmp_path / "home"
+
+
+TINY = {"size": 8, "channels": [8, 16], "norm_groups": 8, "head_dim": 4, "text_tokens": 6, "batch_size": 4,
+        "warmup_steps": 2, "log_every": 1, "sample_steps": 3, "device": "cpu"}
 
 
 def test_a_style_set_reads_named_pictures_on_white_and_holds_test_subjects_out_of_training(style_home):
@@ -65,8 +75,7 @@ def test_the_image_base_trains_resumes_to_the_same_weights_and_samples_through_d
 
     from oral.image.base import ImageBase, ImageBaseConfig, train_image_base
 
-    cfg = ImageBaseConfig(size=8, channels=[8, 16], norm_groups=8, head_dim=4, text_tokens=6, steps=6, batch_size=4,
-                          warmup_steps=2, save_every=3, log_every=1, sample_steps=3, device="cpu")
+    cfg = ImageBaseConfig(**TINY, steps=6, save_every=3)
     straight = train_image_base(tmp_path / "straight", cfg)
     train_image_base(tmp_path / "resumed", cfg, stop_at=3)
     assert not (tmp_path / "resumed" / "samples.png").exists()
@@ -82,3 +91,48 @@ def test_the_image_base_trains_resumes_to_the_same_weights_and_samples_through_d
     assert x.shape == (2, 3, 8, 8) and x.abs().max() <= 1
     assert torch.equal(x, base.sample(["subject 1", "a red square"], steps=3, guidance=2.0, seed=1))
     assert not torch.equal(x[0], x[1])
+
+
+def test_a_style_lora_trains_into_a_zoo_resumes_and_loads_the_same_through_peft_and_diffusers(style_home, tmp_path):
+    from oral.image.base import ImageBase, ImageBaseConfig, train_image_base
+    from oral.image.lora import (
+        DIFFUSERS_WEIGHTS,
+        StyleLoraConfig,
+        StyleLoraError,
+        load_style_unet,
+        train_style_lora,
+    )
+    from oral.lora import load_adapter
+    from oral.zoo import Zoo
+
+    base_dir = train_image_base(tmp_path / "base", ImageBaseConfig(**TINY, steps=2, save_every=2))
+    cfg = StyleLoraConfig(steps=4, keep=2, batch_size=4, warmup_steps=1, checkpoint_every=0, eval_limit=8, device="cpu")
+    with pytest.raises(StyleLoraError, match="already draws emoji-google"):
+        train_style_lora(base_dir, "emoji-google", out_dir=tmp_path / "zoo", cfg=cfg)
+    straight = train_style_lora(base_dir, "emoji-twitter", rank=2, out_dir=tmp_path / "zoo", cfg=cfg)
+    train_style_lora(base_dir, "emoji-twitter", rank=2, out_dir=tmp_path / "zoo2", cfg=cfg, stop_at=3)
+    resumed = train_style_lora(base_dir, "emoji-twitter", rank=2, out_dir=tmp_path / "zoo2", cfg=cfg)
+    assert [p.name for p in straight] == ["step-000003", "step-000004"] == [p.name for p in resumed]
+    (final,) = [r for r in Zoo(tmp_path / "zoo").records() if r["final"]]
+    assert (final["task"], final["rank"], final["domain"], final["val_metric"]["metric"]) == ("emoji-twitter", 2, "image", "denoise-mse")
+    assert final["val_metric"]["n"] == final["base_val_metric"]["n"] > 0
+    spec, state = load_adapter(straight[-1])  # the PEFT dir the generator reads
+    _, again = load_adapter(resumed[-1])
+    assert all(torch.allclose(state[k], again[k], atol=1e-6) for k in state)
+    targets = ("to_q", "to_k", "to_v", "to_out.0")
+    assert {next(t for t in targets if m.name.endswith(t)) for m in spec.modules} == set(targets)
+    assert {m.rank for m in spec.modules} == {2} and all(".attn" in m.name for m in spec.modules)
+    assert (straight[-1] / DIFFUSERS_WEIGHTS).is_file()
+
+    # diffusers' load_lora_adapter gives the same UNet as PEFT's wrapper (the adapter's effect is not zero)
+    from peft import PeftModel
+
+    base = ImageBase.from_pretrained(base_dir)
+    x, t = torch.randn(2, 3, 8, 8), torch.tensor([10, 700])
+    emb, mask = base.names(["subject 1", "subject 2"])
+    kw = dict(encoder_hidden_states=emb, encoder_attention_mask=mask)
+    with torch.no_grad():
+        plain = base.unet(x, t, **kw).sample
+        ours = load_style_unet(base, straight[-1])(x, t, **kw).sample
+        peft = PeftModel.from_pretrained(ImageBase.from_pretrained(base_dir).unet, straight[-1])(x, t, **kw).sample
+    assert torch.allclose(ours, peft, atol=1e-6) and not torch.allclose(ours, plain, atol=1e-4)

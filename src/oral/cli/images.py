@@ -9,17 +9,23 @@ def add_parser(sub) -> None:
         help="style sets and the text-to-image base model the style LoRAs adapt",
         description="`oral images list` shows the style sets; `oral images fetch NAME` downloads one (npm); "
                     "`oral images train-base [--config configs/image-base-emoji.yaml] [key=value ...]` trains "
-                    "the image base model (resumable); `oral images sample --base DIR PROMPT ...` draws with it.",
+                    "the image base model (resumable); `oral images sample --base DIR PROMPT ...` draws with it; "
+                    "`oral images train-style --base DIR STYLE ... [key=value ...]` trains a style LoRA per style set "
+                    "into a zoo (PEFT dirs that also hold diffusers' pytorch_lora_weights.safetensors).",
     )
-    p.add_argument("action", choices=["list", "fetch", "train-base", "sample"], help="what to do")
-    p.add_argument("words", nargs="*", help="fetch: style set names; train-base: key=value overrides; sample: prompts")
+    p.add_argument("action", choices=["list", "fetch", "train-base", "sample", "train-style"], help="what to do")
+    p.add_argument("words", nargs="*", help="fetch: style set names; train-base: key=value overrides; sample: prompts; "
+                                          "train-style: style set names and key=value overrides of StyleLoraConfig")
     p.add_argument("--config", help="train-base: a YAML ImageBaseConfig")
     p.add_argument("--out", help="train-base: the model dir (default $ORAL_HOME/image-bases/<style>); "
                                  "sample: the PNG to write (default samples.png)")
-    p.add_argument("--base", help="sample: a trained image base dir")
+    p.add_argument("--base", help="sample, train-style: a trained image base dir")
+    p.add_argument("--adapter", help="sample: a style LoRA dir to draw with (diffusers' pytorch_lora_weights.safetensors)")
+    p.add_argument("--zoo", default="$ORAL_HOME/zoos/styles", help="train-style: the zoo the runs go into")
+    p.add_argument("--rank", type=int, default=4, help="train-style: LoRA rank")
     p.add_argument("--steps", type=int, default=50, help="sample: DDIM steps")
     p.add_argument("--guidance", type=float, default=3.0, help="sample: classifier-free guidance scale")
-    p.add_argument("--seed", type=int, default=0, help="sample: seed")
+    p.add_argument("--seed", type=int, default=0, help="sample, train-style: seed")
     p.add_argument("--json", action="store_true", help="list: print JSON")
     p.set_defaults(func=run, extra_words="words")
 
@@ -54,10 +60,28 @@ def run(args) -> int:
         out = Path(expand_path(args.out)) if args.out else oral_home() / "image-bases" / cfg.style
         print(f"image base: {train_image_base(out, cfg)}")
         return 0
+    if args.action == "train-style":
+        from oral.config import load_config
+        from oral.image.lora import StyleLoraConfig, train_style_lora
+
+        styles = [w for w in args.words if "=" not in w]
+        if not args.base or not styles:
+            raise SystemExit("oral images train-style: give --base DIR and at least one style set name")
+        cfg = load_config(StyleLoraConfig, None, [w for w in args.words if "=" in w])
+        for style in styles:
+            fetch_style_set(style)
+            kept = train_style_lora(args.base, style, args.rank, args.seed, out_dir=args.zoo, cfg=cfg)
+            print(f"{style}: {kept[-1]}")
+        return 0
     from oral.image.base import ImageBase, write_sample_grid
 
     if not args.base or not args.words:
         raise SystemExit("oral images sample: give --base DIR and at least one prompt")
     base = ImageBase.from_pretrained(args.base)
-    print(write_sample_grid(base, args.out or "samples.png", args.words, args.steps, args.guidance, args.seed))
+    unet = None
+    if args.adapter:
+        from oral.image.lora import load_style_unet
+
+        unet = load_style_unet(base, args.adapter)
+    print(write_sample_grid(base, args.out or "samples.png", args.words, args.steps, args.guidance, args.seed, unet=unet))
     return 0

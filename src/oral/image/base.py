@@ -336,8 +336,8 @@ def image_grid(images: torch.Tensor, labels: list[str] | None = None, columns: i
 
 
 def write_sample_grid(base: ImageBase, out: str | Path, prompts: list[str], steps: int = 50, guidance: float = 3.0,
-                      seed: int = 0) -> Path:
-    """Sample `prompts` and write them as a labelled grid PNG at `out`."""
+                      seed: int = 0, unet=None) -> Path:
+    """Sample `prompts` (with `unet`, e.g. the base's with a style LoRA, if given) as a labelled grid PNG at `out`."""
     out = Path(out)
-    atomic_write_bytes(out, image_grid(base.sample(prompts, steps, guidance, seed), prompts))
+    atomic_write_bytes(out, image_grid(base.sample(prompts, steps, guidance, seed, unet=unet), prompts))
     return out
