@@ -28,6 +28,7 @@ def style_home(tmp_path, monkeypatch):
     monkeypatch.setenv("ORAL_HOME", str(tmp_path / "home"))
     _fake_style_set(tmp_path / "home", "emoji-google", "img/google/64", "has_img_google", 128)
     _fake_style_set(tmp_path / "home", "emoji-twitter", "img/twitter/64", "has_img_twitter", 0)
+    _fake_style_set(tmp_path / "home", "emoji-apple", "img/apple/64", "has_img_apple", 255)
     return tmp_path / "home"
 
 
@@ -136,3 +137,35 @@ def test_a_style_lora_trains_into_a_zoo_resumes_and_loads_the_same_through_peft_
         ours = load_style_unet(base, straight[-1])(x, t, **kw).sample
         peft = PeftModel.from_pretrained(ImageBase.from_pretrained(base_dir).unet, straight[-1])(x, t, **kw).sample
     assert torch.allclose(ours, peft, atol=1e-6) and not torch.allclose(ours, plain, atol=1e-4)
+
+
+def test_the_generator_learns_style_loras_by_the_language_code_path_and_writes_what_diffusers_loads(style_home, tmp_path):
+    """A style zoo -> `oral train` -> `oral generate --base IMAGE_BASE`: the same conditions, tokens and
+    generator as for language models; the written dir is a PEFT adapter and diffusers' LoRA file."""
+    from oral.config import load_config
+    from oral.generate import Generator, generate_adapters
+    from oral.image.base import ImageBase, ImageBaseConfig, train_image_base
+    from oral.image.lora import (
+        DIFFUSERS_WEIGHTS,
+        StyleLoraConfig,
+        load_style_unet,
+        train_style_lora,
+    )
+    from oral.lora import load_adapter
+    from oral.train import GeneratorTrainConfig, train_generator
+
+    base_dir = train_image_base(tmp_path / "base", ImageBaseConfig(**TINY, steps=2, save_every=2))
+    cfg = StyleLoraConfig(steps=3, keep=3, batch_size=4, warmup_steps=1, checkpoint_every=0, eval_limit=4, device="cpu")
+    for style in ("emoji-twitter", "emoji-apple"):
+        train_style_lora(base_dir, style, rank=2, out_dir=tmp_path / "zoo", cfg=cfg)
+    gcfg = load_config(GeneratorTrainConfig, "configs/generator-tiny.yaml", ["steps=4", "save_every=4", "device=cpu"])
+    gen_dir = train_generator([tmp_path / "zoo"], tmp_path / "gen", gcfg)
+    gen = Generator.from_pretrained(gen_dir, device="cpu")
+    assert sorted(gen.config["conditions"]["tasks"]) == ["emoji-apple", "emoji-twitter"]
+    assert gen.config["conditions"]["bases"][0]["metadata"].startswith("UNet2DConditionModel (diffusers)")
+    (out,) = generate_adapters(gen, str(base_dir), "flat pastel emoji in the Twitter style", tmp_path / "a", steps=2)
+    spec, state = load_adapter(out)
+    assert spec.modules[0].rank == 2 and (out / DIFFUSERS_WEIGHTS).is_file()
+    base = ImageBase.from_pretrained(base_dir)
+    x = base.sample(["subject 3"], steps=2, seed=0, unet=load_style_unet(base, out))
+    assert x.shape == (1, 3, 8, 8) and torch.isfinite(x).all()

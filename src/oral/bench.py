@@ -153,10 +153,7 @@ class BenchGenerator(Generator):
 def _metadata(base: str) -> str:
     """The metadata sentence of c_model for a base dir holding its config.json (transformers or diffusers)."""
     config = json.loads((Path(base) / "config.json").read_text())
-    if "_class_name" in config:
-        return (f"{config['_class_name']} (diffusers), block channels {config.get('block_out_channels')}, "
-                f"cross-attention dim {config.get('cross_attention_dim')}")
-    return model_metadata(load_base_config(base))
+    return model_metadata(config if "_class_name" in config else load_base_config(base))
 
 
 # -----------------------------------------------------------------------------

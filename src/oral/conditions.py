@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 import torch
@@ -130,7 +131,12 @@ def get_text_encoder(name: str = DEFAULT_TEXT_ENCODER, device: str | torch.devic
 def model_metadata(config: PretrainedConfig) -> str:
     """The base model's architecture written as a sentence, e.g.
     'LlamaForCausalLM (llama): hidden size 576, intermediate size 1536, 30 layers, 9 attention
-    heads, 3 key-value heads, vocabulary 49152, tied embeddings'."""
+    heads, 3 key-value heads, vocabulary 49152, tied embeddings'. A diffusers model's config (a dict with
+    `_class_name`, e.g. a UNet's): its class, block channels, cross-attention dim and sample size."""
+    if isinstance(config, Mapping) and "_class_name" in config:
+        return (f"{config['_class_name']} (diffusers): block channels {list(config.get('block_out_channels') or [])}, "
+                f"cross-attention dim {config.get('cross_attention_dim')}, {config.get('in_channels')} input channels, "
+                f"sample size {config.get('sample_size')}")
     arch = (getattr(config, "architectures", None) or [config.__class__.__name__])[0]
     fields = [
         ("hidden_size", "hidden size {}"),

@@ -40,6 +40,7 @@ from oral.lora import AdapterError, LoraSpec, adapter_digest, load_adapter, save
 from oral.models import (
     EMBEDDED,
     base_id,
+    is_image_base,
     load_base,
     load_base_config,
     resolve,
@@ -638,10 +639,12 @@ def base_fingerprint(base: str, model: torch.nn.Module | None = None) -> str | N
     """`weights_fingerprint` of `base` as `load_base` loads it (fp32): from the cache when the base is a
     local dir whose files (names, sizes, mtimes) are unchanged since it was computed, else computed from
     `model` and cached; None when it is not cached and no model is given."""
-    path = Path(resolve(base))
+    image = is_image_base(base)
+    path = Path(base).expanduser().resolve() if image else Path(resolve(base))
     key = None
     if path.is_dir():  # a hub id has no local files to key on: computed every time
-        files = sorted((p.name, p.stat().st_size, p.stat().st_mtime_ns) for p in path.iterdir()
+        weights = path / "unet" if image else path  # an image base: its UNet's files
+        files = sorted((p.name, p.stat().st_size, p.stat().st_mtime_ns) for p in weights.iterdir()
                        if p.is_file() and p.suffix in (".safetensors", ".bin", ".json"))
         key = json.dumps([str(path.resolve()), "float32", files])
     cache_path = oral_home() / "cache" / FINGERPRINTS
@@ -705,6 +708,9 @@ def generate_adapters(
     if fingerprint is None or gen.needs_base_weights(base, group):
         base_model = load_base(base)[0]
         fingerprint = base_fingerprint(base, base_model)
+    diffusers_layout = None
+    if is_image_base(base):  # an image base: the dir also holds the file diffusers' load_lora_weights reads
+        from oral.image.lora import save_diffusers_lora as diffusers_layout
     written = []
     for i in range(num):
         s = seed + i
@@ -714,6 +720,6 @@ def generate_adapters(
         provenance = {**gen.provenance(base, prompt, s, steps, guidance, sampler, eta), "base_fingerprint": fingerprint}
         if init_adapter is not None:
             provenance.update(init=str(Path(init).resolve()), init_digest=adapter_digest(init_adapter[1]), strength=strength)
-        save_adapter(path, spec, state, provenance=provenance, overwrite=overwrite)
+        save_adapter(path, spec, state, provenance=provenance, overwrite=overwrite, extra=diffusers_layout)
         written.append(path)
     return written

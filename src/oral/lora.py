@@ -22,7 +22,7 @@ import re
 import warnings
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any, Iterable, Mapping
+from typing import Any, Callable, Iterable, Mapping
 
 import torch
 from peft import LoraConfig, PeftModel
@@ -595,8 +595,11 @@ def save_adapter(
     base_model: Any = None,
     overwrite: bool = False,
     scores: Iterable[Mapping[str, Any]] = (),
+    extra: Callable[[Path, LoraSpec, Mapping[str, torch.Tensor]], Any] | None = None,
 ) -> Path:
     """Validate, then write a PEFT adapter dir atomically (nothing is written when invalid).
+
+    `extra(dir, spec, state)` writes more files into the dir before it appears (e.g. the diffusers layout).
 
     `adapter_config.json` names the base as other tools load it (`oral.models.loadable_base`: the hub
     id of an embedded model, a local dir's path). Provenance (generator, prompt, seed, base id and
@@ -622,6 +625,8 @@ def save_adapter(
             provenance = json.loads(metadata[PROVENANCE_METADATA_KEY])
             atomic_write_json(tmp / PROVENANCE_NAME, provenance)
         atomic_write_text(tmp / CARD_NAME, model_card(path, spec, provenance, dated_scores(scores), oral_base))
+        if extra is not None:
+            extra(tmp, spec, tensors)
     return path
 
 

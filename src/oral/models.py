@@ -257,8 +257,21 @@ def _hub_error(name: str, err: Exception) -> ModelError:
     )
 
 
+IMAGE_BASE_META = "image_base.json"  # what marks a dir as an image base model (oral.image.base)
+
+
+def is_image_base(name_or_path: str | Path) -> bool:
+    """Whether `name_or_path` is a trained image base dir (`oral images train-base`), not a language model."""
+    path = Path(str(name_or_path)).expanduser()
+    return path.is_dir() and (path / IMAGE_BASE_META).is_file()
+
+
 def load_base_config(name_or_path: str | Path) -> PretrainedConfig:
-    """The model config alone (no weights)."""
+    """The model config alone (no weights); an image base's: its UNet's diffusers config dict (`_class_name`)."""
+    if is_image_base(name_or_path):
+        from diffusers import UNet2DConditionModel
+
+        return dict(UNet2DConditionModel.load_config(Path(str(name_or_path)).expanduser() / "unet"))
     name = resolve(name_or_path)
     try:
         return AutoConfig.from_pretrained(name)
@@ -280,7 +293,15 @@ def load_tokenizer(name_or_path: str | Path) -> PreTrainedTokenizerBase:
 def load_base(
     name_or_path: str | Path, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu"
 ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
-    """Load (model, tokenizer); the model is in eval mode with gradients off."""
+    """Load (model, tokenizer); the model is in eval mode with gradients off. An image base gives
+    (its UNet, None)."""
+    if is_image_base(name_or_path):
+        from diffusers import UNet2DConditionModel
+
+        unet = UNet2DConditionModel.from_pretrained(Path(str(name_or_path)).expanduser() / "unet", torch_dtype=dtype)
+        unet.to(device).eval()
+        unet.requires_grad_(False)
+        return unet, None
     name = resolve(name_or_path)
     try:
         model = AutoModelForCausalLM.from_pretrained(name, dtype=dtype)

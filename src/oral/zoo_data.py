@@ -73,6 +73,11 @@ class ZooData:
 
 
 def _task_of(record: dict):
+    """The task of a zoo record (anything with `.name` and `.descriptions`): a style set for an image run."""
+    if record.get("domain") == "image":
+        from oral.image.data import style_set
+
+        return style_set(record["task"])
     try:
         return get_task(record["task"])
     except TaskError:

@@ -42,7 +42,7 @@ def run(args) -> int:
             return 0
         for r in rows:
             print(f"{r['name']:<16} {'fetched' if r['fetched'] else 'not fetched':<12} {r['license']:<22} "
-                  f"{'' if r['free'] else '(research runs only) '}{r['description']}")
+                  f"{'' if r['free'] else '(research runs only) '}{r['descriptions'][0]}")
         return 0
     if args.action == "fetch":
         for name in args.words or ["emoji-google"]:

@@ -51,7 +51,8 @@ class StyleSet:
     flag: str  # the emoji.json field that says a subject has a picture in this set: "has_img_google"
     license: str
     free: bool  # False: research runs only (never shipped, never in the repository)
-    description: str  # the style in words, as a user might ask for it
+    descriptions: tuple[str, ...]  # the style in words, as a user might ask for it (what a generator trains on)
+    heldout_descriptions: tuple[str, ...]  # other wordings, never trained on (what experiments ask with)
 
 
 # The emoji-datasource packages: the same ~1,900 subjects (emoji.json names them) in four house styles, 64x64 RGBA.
@@ -59,13 +60,25 @@ EMOJI_VERSION = "16.0.0"
 STYLE_SETS: dict[str, StyleSet] = {
     s.name: s for s in (
         StyleSet("emoji-google", f"emoji-datasource-google@{EMOJI_VERSION}", "img/google/64", "has_img_google",
-                 "Apache-2.0", True, "glossy rounded emoji in Google's Noto style"),
+                 "Apache-2.0", True,
+                 ("glossy rounded emoji in Google's Noto style", "Noto emoji: soft gradients and round shapes",
+                  "draw it as a Google Android emoji", "cute shiny cartoon icons with gentle shading"),
+                 ("make it look like the emoji on an Android phone", "smooth rounded Google emoji art")),
         StyleSet("emoji-twitter", f"emoji-datasource-twitter@{EMOJI_VERSION}", "img/twitter/64", "has_img_twitter",
-                 "CC-BY-4.0", True, "flat pastel emoji in the Twitter style"),
+                 "CC-BY-4.0", True,
+                 ("flat pastel emoji in the Twitter style", "Twemoji: simple flat shapes with no shading",
+                  "draw it as a flat two-dimensional Twitter emoji", "clean vector icons in plain bright colours"),
+                 ("make the pictures look like Twitter's emoji set", "flat minimal emoji without gradients")),
         StyleSet("emoji-apple", f"emoji-datasource-apple@{EMOJI_VERSION}", "img/apple/64", "has_img_apple",
-                 "Apple's (not free)", False, "shaded three-dimensional emoji in Apple's style"),
+                 "Apple's (not free)", False,
+                 ("shaded three-dimensional emoji in Apple's style", "glossy detailed iPhone emoji",
+                  "draw it as an Apple emoji with realistic lighting", "rich rendered icons with depth and highlights"),
+                 ("make it look like the emoji on an iPhone", "detailed 3D-looking emoji art")),
         StyleSet("emoji-facebook", f"emoji-datasource-facebook@{EMOJI_VERSION}", "img/facebook/64", "has_img_facebook",
-                 "Facebook's (not free)", False, "bold outlined emoji in Facebook's style"),
+                 "Facebook's (not free)", False,
+                 ("bold outlined emoji in Facebook's style", "Facebook emoji with strong shapes and saturated colours",
+                  "draw it as a Facebook Messenger emoji", "chunky saturated cartoon icons"),
+                 ("make it look like Facebook's emoji", "vivid chunky emoji art")),
     )
 }
 INDEX = "emoji.json"

@@ -20,15 +20,17 @@ import logging
 import math
 import shutil
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from peft import LoraConfig, get_peft_model, get_peft_model_state_dict
+from peft import LoraConfig, get_peft_model
 
 from oral.image.base import ImageBase, ImageBaseConfig, build_scheduler
 from oral.image.data import load_style_set, style_set
 from oral.io import append_jsonl, atomic_dir
+from oral.lora import KEY_PREFIX, LoraSpec, load_adapter
 from oral.models import weights_fingerprint
 from oral.progress import progress_bar
 from oral.training import (
@@ -96,15 +98,14 @@ class StyleLoraConfig:
 # The diffusers layout
 
 
-def save_diffusers_lora(peft_unet, out: Path) -> Path:
-    """Write the adapter of a PEFT-wrapped UNet as diffusers' pytorch_lora_weights.safetensors (keys
-    `unet.<module>.lora_A.weight`, its LoraConfig in the metadata) into the dir `out`."""
+def save_diffusers_lora(out: Path, spec: LoraSpec, state: Mapping[str, torch.Tensor]) -> Path:
+    """Write a UNet adapter (a PEFT state) into the dir `out` as diffusers' pytorch_lora_weights.safetensors:
+    keys `unet.<module>.lora_A.weight`, its LoraConfig in the metadata. Returns the file."""
     from diffusers.loaders import StableDiffusionLoraLoaderMixin
 
-    state = get_peft_model_state_dict(peft_unet)
-    layers = {k.removeprefix("base_model.model."): v.detach().cpu().contiguous() for k, v in state.items()}
-    config = peft_unet.peft_config["default"].to_dict()
-    config["target_modules"] = sorted(config["target_modules"])  # a set in LoraConfig: not JSON
+    layers = {k.removeprefix(KEY_PREFIX): state[k].detach().cpu().contiguous() for k in spec.keys()}
+    config = spec.lora_config().to_dict()
+    config["target_modules"] = sorted(config["target_modules"] or [])
     StableDiffusionLoraLoaderMixin.save_lora_weights(out, unet_lora_layers=layers, unet_lora_adapter_metadata=config,
                                                      safe_serialization=True)
     return out / DIFFUSERS_WEIGHTS
@@ -228,7 +229,7 @@ def train_style_lora(base_dir: str | Path, style: str, rank: int = 4, seed: int 
                 rel = Path("runs") / run_id / step_dirname(step)
                 with atomic_dir(zoo.root / rel, overwrite=True) as tmp:
                     model.save_pretrained(tmp)
-                    save_diffusers_lora(model, tmp)
+                    save_diffusers_lora(tmp, *load_adapter(tmp))
                 record = {**common, "step": step, "path": rel.as_posix(), "final": step == cfg.steps,
                           "train_loss": round(loss.item(), 6), "lr": lr_at(step, lr=cfg.lr, warmup_steps=cfg.warmup_steps,
                                                                            total_steps=cfg.steps, schedule=cfg.schedule,
