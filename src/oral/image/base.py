@@ -5,7 +5,7 @@ the token embeddings of the subject's name from the text encoder the project alr
 (all-MiniLM-L6-v2), trained with diffusers' DDPM noise schedule on one style set, sampled with DDIM
 and classifier-free guidance. It is the base the style LoRAs adapt, as Stable Diffusion is in the paper.
 
-    oral image-base --config configs/image-base-emoji.yaml          # train (resumable)
+    oral images train-base --config configs/image-base-emoji.yaml   # train (resumable)
     base = ImageBase.from_pretrained(dir)                            # the exported model
     images = base.sample(["cat face", "red apple"], seed=0)          # (2, 3, S, S) in [-1, 1]
 
@@ -284,8 +284,8 @@ class ImageBase:
         path = Path(path)
         if not (path / META_NAME).is_file():
             raise ImageBaseError(f"{path} holds no trained image base ({META_NAME} is missing); train one with "
-                                 "`oral image-base --config configs/image-base-emoji.yaml --out DIR`")
-        meta = read_json(path / META_NAME, f"train it again with `oral image-base --out {path}`")
+                                 "`oral images train-base --config configs/image-base-emoji.yaml --out DIR`")
+        meta = read_json(path / META_NAME, f"train it again with `oral images train-base --out {path}`")
         dev = resolve_device(device)
         unet = UNet2DConditionModel.from_pretrained(path / UNET_DIR).to(dev).eval()
         scheduler_config = dict(DDIMScheduler.load_config(path / SCHEDULER_DIR))
