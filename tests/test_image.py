@@ -169,3 +169,25 @@ def test_the_generator_learns_style_loras_by_the_language_code_path_and_writes_w
     base = ImageBase.from_pretrained(base_dir)
     x = base.sample(["subject 3"], steps=2, seed=0, unet=load_style_unet(base, out))
     assert x.shape == (1, 3, 8, 8) and torch.isfinite(x).all()
+
+
+def test_sampling_with_a_perfect_noise_predictor_returns_its_picture(style_home, tmp_path):
+    """The sampler (DDIM steps, guidance, the schedule as saved) is right independently of training: a
+    UNet that predicts the exact noise toward one picture must draw that picture."""
+    from diffusers import DDPMScheduler
+
+    from oral.image.base import ImageBase, ImageBaseConfig, train_image_base
+
+    base = ImageBase.from_pretrained(train_image_base(tmp_path / "base", ImageBaseConfig(**TINY, steps=1, save_every=1)))
+    target = torch.rand(1, 3, 8, 8) * 2 - 1
+    alphas = DDPMScheduler.from_config(base.scheduler_config).alphas_cumprod
+
+    class Oracle(torch.nn.Module):
+        def forward(self, x, t, encoder_hidden_states=None, encoder_attention_mask=None):
+            ab = alphas[int(t)]
+            eps = (x - ab.sqrt() * target) / (1 - ab).sqrt()
+            return type("Out", (), {"sample": eps})()
+
+    for guidance in (1.0, 3.0):
+        x = base.sample(["subject 1", "subject 2"], steps=20, guidance=guidance, seed=0, unet=Oracle())
+        assert torch.allclose(x, target.expand(2, -1, -1, -1), atol=1e-3), (x - target).abs().max()
