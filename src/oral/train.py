@@ -42,7 +42,7 @@ from oral.generator import GENERATOR_PRESETS, GeneratorConfig, GeneratorNet, gen
 from oral.io import atomic_write_bytes, atomic_write_text, read_json, remove_debris
 from oral.progress import progress_bar
 from oral.training import (latest_checkpoint, load_checkpoint, lr_at, prune_checkpoints, resolve_device,
-                           save_checkpoint, set_lr, step_rng)
+                           restore_ema, save_checkpoint, set_lr, step_rng)
 from oral.zoo_data import prepare_training_data
 
 log = logging.getLogger(__name__)
@@ -218,10 +218,8 @@ def train_generator(zoos: list[str | Path], out: str | Path, cfg: GeneratorTrain
     if last is not None:
         state, extra = load_checkpoint(last, net, opt, run_key, tensors=("ema",),
                                        fix=f"resume with the same zoo and config, or give a new --out than {out}")
-        with torch.no_grad():
-            for s, (name, _) in zip(ema.shadow_params, net.named_parameters()):
-                s.copy_(extra["ema"][name])
-        start = ema.optimization_step = int(state["step"])
+        start = int(state["step"])
+        restore_ema(ema, net, extra["ema"], start)
         log.info("resumed from %s (step %d)", last, start)
     rows = [r for r in read_loss_log(out) if r["step"] <= start]
     model, opt = accelerator.prepare(net, opt)

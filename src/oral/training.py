@@ -204,3 +204,11 @@ def load_checkpoint(path: str | Path, model: torch.nn.Module, optimizer: torch.o
     optimizer_from_safetensors(optimizer, load_safetensors(path / OPTIMIZER_NAME, fix), state["optimizer"])
     extra = {name: load_safetensors(path / f"{name}.safetensors", fix) for name in tensors}
     return state, extra
+
+
+def restore_ema(ema, model: torch.nn.Module, weights: dict[str, torch.Tensor], step: int) -> None:
+    """Put a checkpoint's EMA weights (by parameter name) into diffusers' EMAModel `ema` of `model`, at `step`."""
+    with torch.no_grad():
+        for s, (name, _) in zip(ema.shadow_params, model.named_parameters()):
+            s.copy_(weights[name])
+    ema.optimization_step = step

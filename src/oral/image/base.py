@@ -43,6 +43,7 @@ from oral.training import (
     load_checkpoint,
     lr_at,
     resolve_device,
+    restore_ema,
     save_checkpoint,
     set_lr,
     step_rng,
@@ -191,10 +192,8 @@ def train_image_base(out: str | Path, cfg: ImageBaseConfig | None = None, stop_a
     if last is not None:
         state, extra = load_checkpoint(last, unet, opt, run_key, tensors=("ema",),
                                        fix=f"resume with the same config, or give a new --out than {out}")
-        with torch.no_grad():
-            for s, (name, _) in zip(ema.shadow_params, unet.named_parameters()):
-                s.copy_(extra["ema"][name])
-        start = ema.optimization_step = int(state["step"])
+        start = int(state["step"])
+        restore_ema(ema, unet, extra["ema"], start)
         rows = state.get("loss_log", [])
         log.info("resumed from %s (step %d)", last, start)
 
