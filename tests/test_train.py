@@ -119,6 +119,23 @@ def test_two_task_prompts_give_different_adapters_and_same_seed_the_same(generat
     assert diff > 0.2 * size, (diff, size)
 
 
+def test_the_layout_of_a_base_is_found_once_and_a_changed_config_is_looked_at_again(generator, monkeypatch):
+    import oral.generate as generate_module
+    from oral.lora import LoraSpec
+
+    built = []
+    real = LoraSpec.from_base_config
+    monkeypatch.setattr(LoraSpec, "from_base_config", lambda *a, **k: built.append(1) or real(*a, **k))
+    generator.layout_cache.clear()
+    assert generator.layout_for("tiny-llama") == generator.layout_for("tiny-llama") == 0
+    assert len(built) == len(generator.tokenizers)  # the second call is answered from the cache
+    config = generate_module.load_base_config("tiny-llama")
+    config.num_hidden_layers += 1  # another architecture under the same name: not the cached answer
+    monkeypatch.setattr(generate_module, "load_base_config", lambda base: config)
+    with pytest.raises(generate_module.GenerationError, match="not trained for base"):
+        generator.layout_for("tiny-llama")
+
+
 def test_resumed_training_matches_an_uninterrupted_run(zoo, tmp_path):
     from oral.config import load_config
     from oral.train import GeneratorTrainConfig, read_loss_log, train_generator

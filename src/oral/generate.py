@@ -155,6 +155,13 @@ def read_generator_config(path: Path) -> dict:
 # Loading and sampling
 
 
+def _config_json(config) -> str:
+    """A base config (transformers' PretrainedConfig, or an image base's diffusers dict) as one JSON string."""
+    if hasattr(config, "to_json_string"):
+        return config.to_json_string(use_diff=False)
+    return json.dumps(config, sort_keys=True, default=str)
+
+
 class Generator:
     """A trained generator: network (EMA weights), tokenizers per layout, condition encoder."""
 
@@ -164,6 +171,7 @@ class Generator:
         self.net = net.eval()
         self.tokenizers = tokenizers
         self.c_model_cache = c_model  # (group, base id) -> (Cm,)
+        self.layout_cache: dict[tuple[str, int | None], int] = {}  # (base config as JSON, rank) -> layout index
         self.device = device
         self.chunk = SAMPLE_CHUNK  # tokens per sampling chunk
         # torch.bfloat16: the denoiser's matmuls in bf16 under autocast (about 2x on CPUs with AVX512-BF16;
@@ -261,8 +269,16 @@ class Generator:
     # --- layouts ---------------------------------------------------------------
 
     def layout_for(self, base: str, rank: int | None = None) -> int:
-        """The index of the learned LoRA layout that fits `base` (and `rank`, if given)."""
+        """The index of the learned LoRA layout that fits `base` (and `rank`, if given). Cached by the base's
+        config: building each candidate spec from it (the model on the meta device) is most of a
+        few-step generation's time outside sampling."""
         config = load_base_config(base)
+        key = (_config_json(config), rank)
+        if key not in self.layout_cache:
+            self.layout_cache[key] = self._layout_for(base, config, rank)
+        return self.layout_cache[key]
+
+    def _layout_for(self, base: str, config, rank: int | None) -> int:
         fits = []
         for gi, tok in enumerate(self.tokenizers):
             spec = tok.spec
