@@ -419,7 +419,11 @@ class Experiment:
     def _rows(self, version: int, base: str, task: str, ev: Evaluator, model) -> list[dict]:
         """The rows of every method's candidates on one (version, task) at the current rank."""
         cfg, rows = self.cfg, []
-        for cand in self.candidates(version, task, ev, model):
+        # a line every 30 s without a terminal: a task's candidates can take many minutes
+        cands = progress_bar(self.candidates(version, task, ev, model), desc=f"  t{version} {task}", unit="adapter",
+                             leave=False)
+        for cand in cands:
+            cands.set_postfix(method=cand.method, refresh=False)
             row = {"base": base_id(base), "version": version, "task": task, "method": cand.method,
                    "description": cand.description, "seed": cand.seed, "split": cfg.split,
                    **({"rank": self.rank} if cfg.ranks else {}), **{k: v for k, v in cand.info.items() if k != "adapter"}}
