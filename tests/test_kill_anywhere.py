@@ -244,7 +244,7 @@ def test_zoo_killed_anywhere_ends_as_an_uninterrupted_run(zoo_grid, tmp_path):
              leaves=lambda: 100 in recorded() and ckpts.is_dir()),
     ], started=lambda: _latest(ckpts) is not None,
         resume_point=lambda: None if 100 in recorded() else _latest(ckpts),
-        resumed=r"resuming from its training checkpoint at step (\d+)")
+        resumed=r"resumed from \S+ \(step (\d+)\)")
 
     assert all(s for s in resumed[1:4]) and resumed[4] is None, resumed  # (d)
     lines = manifest.read_text().splitlines()

@@ -33,8 +33,7 @@ from oral.io import append_jsonl, atomic_dir
 from oral.models import base_id, lineage, load_base, load_tokenizer, weights_fingerprint
 from oral.paths import expand_path
 from oral.progress import progress_bar
-from oral.training import (get_task, latest_checkpoint, load_checkpoint, lr_at, resolve_device, save_checkpoint,
-                           set_lr)
+from oral.training import get_task, lr_at, resolve_device, resume, save_checkpoint, set_lr
 from oral.zoo import Zoo, clean_run_dir, run_id_for, slug, step_dirname, try_lock
 
 log = logging.getLogger(__name__)
@@ -303,13 +302,9 @@ def train_run(base: LoadedBase, task, key: str, rank: int, seed: int, cfg: Finet
                                 weight_decay=cfg.weight_decay)
         # 2) resume from the latest training checkpoint, if a stopped attempt left one
         ckpt_root, run_key = run_dir / "checkpoints", {"run_id": run_id}
-        start, wall_before = 0, 0.0
-        last = latest_checkpoint(ckpt_root)
-        if last is not None:
-            state, _ = load_checkpoint(last, model, opt, run_key, fix=f"remove {ckpt_root} to train the run again")
-            start, wall_before = state["step"], state["wall_s"]
-            log.info("run %s: resuming from its training checkpoint at step %d", run_id, start)
-        elif recorded:
+        start, state, _ = resume(ckpt_root, model, opt, run_key, fix=f"remove {ckpt_root} to train the run again")
+        wall_before = state.get("wall_s", 0.0)
+        if not state and recorded:
             log.info("run %s: %d checkpoints recorded but no training checkpoint; training again from step 0",
                      run_id, len(recorded))
         t0 = time.time() - wall_before

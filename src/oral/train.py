@@ -41,8 +41,8 @@ from oral.generate import CONFIG_NAME, save_generator
 from oral.generator import GENERATOR_PRESETS, GeneratorConfig, GeneratorNet, generator_config
 from oral.io import atomic_write_bytes, atomic_write_text, read_json, remove_debris
 from oral.progress import progress_bar
-from oral.training import (latest_checkpoint, load_checkpoint, lr_at, prune_checkpoints, resolve_device,
-                           restore_ema, save_checkpoint, set_lr, step_rng)
+from oral.training import (lr_at, prune_checkpoints, resolve_device, restore_ema, resume, save_checkpoint, set_lr,
+                           step_rng)
 from oral.zoo_data import prepare_training_data
 
 log = logging.getLogger(__name__)
@@ -213,14 +213,10 @@ def train_generator(zoos: list[str | Path], out: str | Path, cfg: GeneratorTrain
         if run_key["train"]["conditions"].get(key) == default:
             run_key["train"]["conditions"].pop(key)
 
-    start = 0
-    last = latest_checkpoint(out / CHECKPOINTS)
-    if last is not None:
-        state, extra = load_checkpoint(last, net, opt, run_key, tensors=("ema",),
-                                       fix=f"resume with the same zoo and config, or give a new --out than {out}")
-        start = int(state["step"])
+    start, state, extra = resume(out / CHECKPOINTS, net, opt, run_key, tensors=("ema",),
+                                 fix=f"resume with the same zoo and config, or give a new --out than {out}")
+    if state:
         restore_ema(ema, net, extra["ema"], start)
-        log.info("resumed from %s (step %d)", last, start)
     rows = [r for r in read_loss_log(out) if r["step"] <= start]
     model, opt = accelerator.prepare(net, opt)
 

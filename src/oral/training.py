@@ -15,6 +15,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import math
 import os
 import shutil
@@ -27,6 +28,8 @@ from safetensors.torch import save_file
 from oral import tasks as tasks_mod
 from oral.io import atomic_dir, load_safetensors, read_json
 from oral.paths import expand_path
+
+log = logging.getLogger(__name__)
 
 STATE_NAME = "state.json"
 MODEL_NAME = "model.safetensors"
@@ -204,6 +207,18 @@ def load_checkpoint(path: str | Path, model: torch.nn.Module, optimizer: torch.o
     optimizer_from_safetensors(optimizer, load_safetensors(path / OPTIMIZER_NAME, fix), state["optimizer"])
     extra = {name: load_safetensors(path / f"{name}.safetensors", fix) for name in tensors}
     return state, extra
+
+
+def resume(root: str | Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer, run_key: dict,
+           tensors: tuple[str, ...] = (), fix: str = "remove it to start over") -> tuple[int, dict, dict]:
+    """Restore the newest checkpoint under `root` (`latest_checkpoint`, `load_checkpoint`) into the model
+    and optimizer: (its step, state.json's dict, its `tensors`), or (0, {}, {}) when there is none."""
+    last = latest_checkpoint(root)
+    if last is None:
+        return 0, {}, {}
+    state, extra = load_checkpoint(last, model, optimizer, run_key, tensors=tensors, fix=fix)
+    log.info("resumed from %s (step %d)", last, state["step"])
+    return int(state["step"]), state, extra
 
 
 def restore_ema(ema, model: torch.nn.Module, weights: dict[str, torch.Tensor], step: int) -> None:

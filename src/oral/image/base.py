@@ -39,11 +39,10 @@ from oral.io import (
 from oral.progress import progress_bar
 from oral.training import (
     SCHEDULES,
-    latest_checkpoint,
-    load_checkpoint,
     lr_at,
     resolve_device,
     restore_ema,
+    resume,
     save_checkpoint,
     set_lr,
     step_rng,
@@ -187,15 +186,11 @@ def train_image_base(out: str | Path, cfg: ImageBaseConfig | None = None, stop_a
     run_key = {k: v for k, v in json.loads(json.dumps(dataclasses.asdict(cfg))).items()
                if k not in ("steps", "device", "save_every", "keep_checkpoints", "log_every", "sample_steps",
                             "sample_guidance")}
-    start, rows = 0, []
-    last = latest_checkpoint(out / CHECKPOINTS)
-    if last is not None:
-        state, extra = load_checkpoint(last, unet, opt, run_key, tensors=("ema",),
-                                       fix=f"resume with the same config, or give a new --out than {out}")
-        start = int(state["step"])
+    start, state, extra = resume(out / CHECKPOINTS, unet, opt, run_key, tensors=("ema",),
+                                 fix=f"resume with the same config, or give a new --out than {out}")
+    if state:
         restore_ema(ema, unet, extra["ema"], start)
-        rows = state.get("loss_log", [])
-        log.info("resumed from %s (step %d)", last, start)
+    rows = state.get("loss_log", [])
 
     images, emb, mask = images.to(device), emb.to(device), mask.to(device)
     null_emb, null_mask = null_emb.to(device), null_mask.to(device)

@@ -35,10 +35,9 @@ from oral.models import weights_fingerprint
 from oral.progress import progress_bar
 from oral.training import (
     SCHEDULES,
-    latest_checkpoint,
-    load_checkpoint,
     lr_at,
     resolve_device,
+    resume,
     save_checkpoint,
     set_lr,
     step_rng,
@@ -191,11 +190,8 @@ def train_style_lora(base_dir: str | Path, style: str, rank: int = 4, seed: int 
         model = get_peft_model(base.unet, lcfg)
         opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=cfg.lr)
         ckpt_root, run_key = run_dir / "checkpoints", {"run_id": run_id}
-        start, wall_before = 0, 0.0
-        last = latest_checkpoint(ckpt_root)
-        if last is not None:
-            state, _ = load_checkpoint(last, model, opt, run_key, fix=f"remove {ckpt_root} to train the run again")
-            start, wall_before = state["step"], state["wall_s"]
+        start, state, _ = resume(ckpt_root, model, opt, run_key, fix=f"remove {ckpt_root} to train the run again")
+        wall_before = state.get("wall_s", 0.0)
         t0 = time.time() - wall_before
         end = cfg.steps if stop_at is None else min(cfg.steps, stop_at)
         bar = progress_bar(range(start + 1, end + 1), initial=start, total=cfg.steps, desc=f"{s.name}/r{rank}/s{seed}")
