@@ -369,6 +369,16 @@ def test_two_processes_split_a_grid_by_rank_and_world_size(task_file, tmp_path):
     assert worker_of == {0: 0, 1: 1, 2: 0}
 
 
+def test_the_demo_builds_its_zoo_with_one_process_per_core_and_checks_it_after(task_file, tmp_path):
+    from oral.demo import build_zoo
+
+    cfg = load_config(ZooConfig, _grid_yaml(tmp_path, task_file, steps=4))
+    counts = build_zoo(cfg, workers=2)
+    assert counts == {"runs": 3, "skipped": 3, "trained": 0, "busy": 0, "waiting": 0}  # the check after the workers
+    recs = _check_complete(tmp_path / "zoo", runs=3, keep=4)
+    assert {r["seed"]: r["worker"] for r in recs} == {0: 0, 1: 1, 2: 0}
+
+
 # -----------------------------------------------------------------------------
 # Configs and the command line
 

@@ -11,22 +11,24 @@ the base with the prompt written before each example (the description-in-the-pro
 and the base with the adapter are scored on the same examples.
 
 `--from-scratch` builds the generator itself first, with the recipe of `configs/zoo-quick.yaml`
-and `configs/generator-quick.yaml` (`scratch_configs`): four classification tasks on smollm2-135m,
-120-step LoRA runs whose last 12 checkpoints are kept, then the generator, stopped at step 500 of
-its 1000, to fit the half hour (the bundled generator is the same recipe trained to step 1000:
-scripts/build_generator.sh; at step 500 it scores 6-38 points below the zoo's adapters, at 1000
-within 5). Every stage is cached ($ORAL_HOME/zoos/quick, $ORAL_HOME/generators/demo) and resumes
-where it stopped. Scores are cached by
+and `configs/generator-quick.yaml` (`scratch_configs`), the bundled generator's own
+(scripts/build_generator.sh): four classification tasks on smollm2-135m, 120-step LoRA runs whose
+last 12 checkpoints are kept, trained by one single-threaded process per core (two runs at once on
+two cores beat one run on two threads), then the generator's 1000 steps. Every stage is cached
+($ORAL_HOME/zoos/quick, $ORAL_HOME/generators/demo) and resumes where it stopped. Scores are cached by
 (adapter bytes, task, split, limit), so a rerun only repeats what changed.
 """
 
 from __future__ import annotations
 
 import logging
+import os
 import re
 import time
 from pathlib import Path
 from typing import Any
+
+import torch
 
 from oral.evaluate import Evaluator, ScoreCache
 from oral.finetune import FinetuneConfig
@@ -37,15 +39,13 @@ from oral.models import load_base
 from oral.paths import oral_home
 from oral.tasks import get_task
 from oral.train import GeneratorTrainConfig, train_generator
+from oral.training import resolve_device
+from oral.zoo import Zoo
 
 log = logging.getLogger(__name__)
 
 DEFAULT_TASK = "movie-sentiment"
 SCRATCH_TASKS = ["movie-sentiment", "sms-spam", "trec-question", "rotten-tomatoes"]
-# The generator of configs/generator-quick.yaml (1000 steps) stopped at this step: its step-500 export
-# recovered 90-109% of the trained gain (docs/RESULTS.md). A 500-step run with its cosine schedule
-# squeezed into 500 steps learned less (60-92%, one task below its base): the schedule matters.
-SCRATCH_GENERATOR_STOP = 500
 
 
 def demo_home() -> Path:
@@ -58,7 +58,7 @@ def demo_home() -> Path:
 
 def scratch_configs(base: str = "smollm2-135m") -> tuple[ZooConfig, GeneratorTrainConfig]:
     """The zoo and generator configs of `--from-scratch`: configs/zoo-quick.yaml and
-    configs/generator-quick.yaml (a test keeps them equal); training stops at SCRATCH_GENERATOR_STOP."""
+    configs/generator-quick.yaml (a test keeps them equal)."""
     zoo = ZooConfig(
         out=str(oral_home() / "zoos" / "quick"),  # the zoo of configs/zoo-quick.yaml: built once, shared
         grid=[GridBlock(bases=[base], tasks=list(SCRATCH_TASKS), ranks=[4], seeds=[0])],
@@ -70,17 +70,46 @@ def scratch_configs(base: str = "smollm2-135m") -> tuple[ZooConfig, GeneratorTra
     return zoo, gen
 
 
-def build_from_scratch(base: str = "smollm2-135m") -> Path:
-    """Train the demo's zoo and generator (or finish them from their checkpoints); the generator dir."""
+def _zoo_worker(cfg: ZooConfig, rank: int, world_size: int) -> None:
+    """One of `build_from_scratch`'s zoo processes: its share of the runs, on one thread."""
+    torch.set_num_threads(1)
+    run_grid(cfg, rank=rank, world_size=world_size)
+
+
+def build_zoo(cfg: ZooConfig, workers: int) -> dict:
+    """Train the grid's missing runs with `workers` single-threaded processes (each takes every
+    workers-th run), then check in this process that every run is done (and train what a failed
+    worker left); the counts of that check."""
+    if workers > 1:
+        ctx = torch.multiprocessing.get_context("spawn")
+        procs = [ctx.Process(target=_zoo_worker, args=(cfg, i, workers), daemon=True) for i in range(workers)]
+        for p in procs:
+            p.start()
+        for p in procs:
+            p.join()
+        failed = [i for i, p in enumerate(procs) if p.exitcode != 0]
+        if failed:
+            log.warning("zoo worker(s) %s stopped with an error; their runs are trained here", failed)
+    return run_grid(cfg, rank=0, world_size=1)
+
+
+def build_from_scratch(base: str = "smollm2-135m", workers: int | None = None) -> Path:
+    """Train the demo's zoo and generator (or finish them from their checkpoints); the generator dir.
+    workers: zoo processes (default: one per core, at most one per run; 1 on a GPU)."""
     zoo_cfg, gen_cfg = scratch_configs(base)
+    if workers is None:
+        workers = 1 if resolve_device(zoo_cfg.train.device).type != "cpu" else min(os.cpu_count() or 1, len(SCRATCH_TASKS))
     t0 = time.time()
-    print(f"[from scratch 1/2] LoRA zoo: {len(SCRATCH_TASKS)} tasks x 120 steps on {base} -> {zoo_cfg.out}", flush=True)
-    counts = run_grid(zoo_cfg)
-    print(f"  {counts['trained']} runs trained, {counts['skipped']} already done ({time.time() - t0:.0f} s)", flush=True)
+    print(f"[from scratch 1/2] LoRA zoo: {len(SCRATCH_TASKS)} tasks x 120 steps on {base}, {workers} process(es) "
+          f"-> {zoo_cfg.out}", flush=True)
+    before = len(Zoo(zoo_cfg.out).done_runs()) if Path(zoo_cfg.out).is_dir() else 0
+    counts = build_zoo(zoo_cfg, workers)
+    trained = len(Zoo(zoo_cfg.out).done_runs()) - before
+    print(f"  {trained} runs trained, {counts['runs'] - trained} already done ({time.time() - t0:.0f} s)", flush=True)
     t1 = time.time()
     out = oral_home() / "generators" / "demo"
-    print(f"[from scratch 2/2] generator: {SCRATCH_GENERATOR_STOP} of its {gen_cfg.steps} steps -> {out}", flush=True)
-    train_generator([zoo_cfg.out], out, gen_cfg, stop_at=SCRATCH_GENERATOR_STOP)
+    print(f"[from scratch 2/2] generator: {gen_cfg.steps} steps -> {out}", flush=True)
+    train_generator([zoo_cfg.out], out, gen_cfg)
     print(f"  done ({time.time() - t1:.0f} s)", flush=True)
     return out
 

@@ -10,7 +10,8 @@ def add_parser(sub) -> None:
         description=(
             "Generate an adapter from a prompt with the bundled generator and score the base, the base with "
             "the prompt in context, and the adapter on the matching task's test split. --from-scratch "
-            "builds the zoo and the generator first (resumable, cached under $ORAL_HOME/demo)."
+            "builds the zoo (one process per core) and the generator first, with the bundled generator's recipe "
+            "(resumable; $ORAL_HOME/zoos/quick and $ORAL_HOME/generators/demo)."
         ),
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
