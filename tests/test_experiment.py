@@ -204,14 +204,33 @@ def test_an_unseen_version_gets_the_stale_baselines_and_nearest_picks_a_training
     train_lora(str(t1), "sms-spam", rank=4, steps=4, keep=2, save_every=2, out_dir=zoo, seed=0, lr=2e-2, warmup_steps=1,
                eval_limit=4, eval_base=False)
     cfg = _config(zoo, tiny_generator_dir, tmp_path, versions=[0, 1], tasks=["sms-spam"], seeds=[0],
-                  methods=["oracle", "stale-t0", "stale-newest", "stale-best", "nearest", "generated"])
+                  methods=["oracle", "stale-t0", "stale-newest", "stale-best", "nearest", "generated", "shifted"])
     result = run_experiment("p", cfg)
     assert result["versions"]["1"] == str(t1.resolve()) and result["training"]["versions"] == [0]
     by = {(r["version"], r["method"]): r for r in result["rows"]}
     assert {m for v, m in by if v == 0} == {"oracle", "nearest", "generated"}  # no stale rows on a training version
-    assert {m for v, m in by if v == 1} == {"oracle", "stale-t0", "stale-newest", "stale-best", "nearest", "generated"}
+    assert {m for v, m in by if v == 1} == {"oracle", "stale-t0", "stale-newest", "stale-best", "nearest", "generated",
+                                            "shifted"}
     assert by[1, "stale-t0"]["from_version"] == by[1, "stale-best"]["from_version"] == by[1, "nearest"]["from_version"] == 0
+    assert by[1, "shifted"]["from_version"] == 0 and by[1, "shifted"]["from_task"] == by[1, "nearest"]["from_task"]
     assert by[1, "generated"]["base_inside"] is False and by[0, "generated"]["base_inside"] is True
+
+
+def test_a_shifted_adapter_is_its_start_plus_the_difference_of_two_updates(tiny_zoo):
+    from oral.experiments.methods import shifted_adapter
+    from oral.gauge import delta_weight
+    from oral.lora import load_adapter
+    from oral.zoo import Zoo
+
+    zoo = Zoo(tiny_zoo)
+    a, b = (load_adapter(zoo.path(r)) for r in [r for r in zoo.records() if r.get("final")][:2])
+    spec = a[0]
+    same = shifted_adapter(a, b, b)  # no difference: a's own update, refactorized at its rank
+    shifted = shifted_adapter(a, b, a)  # a + (b - a) = b
+    for m in spec.modules:
+        for got, want in ((same, a), (shifted, b)):
+            d_got, d_want = delta_weight(spec, got[1], m.name), delta_weight(spec, want[1], m.name)
+            assert torch.allclose(d_got, d_want, atol=1e-5 * float(d_want.abs().max())), m.name
 
 
 def test_the_bar_counts_cells_where_generated_clears_each_reference():

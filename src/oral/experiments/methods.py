@@ -14,6 +14,9 @@ example (or none). All of them draw on the same zoo and the same generator:
     hypernet        a Text-to-LoRA-style hypernetwork (oral.hypernet) trained on the same zoo and conditions
     refined         nearest's adapter refined by the generator for this base and description (SDEdit:
                     `Generator.generate(init=...)`), strength chosen on validation
+    shifted         nearest's adapter moved by what the generator changes between bases: dW(nearest) +
+                    dW(generated for this base) - dW(generated for nearest's version), same description and
+                    seed, refactorized to the rank (the generator as a predictor of the version shift only)
     random-text     generated from gibberish of the description's length          (controls)
     random-model    generated with the c_model of a randomly initialized base of the same shape
     no-fingerprint  generated with the weight-fingerprint half of c_model set to 0
@@ -34,7 +37,7 @@ from oral.lora import LoraSpec, load_adapter, with_base
 from oral.models import base_id
 from oral.zoo import Zoo, matching
 
-GENERATED = ("generated", "generated-cfg", "refined", "random-text", "random-model", "no-fingerprint")
+GENERATED = ("generated", "generated-cfg", "refined", "shifted", "random-text", "random-model", "no-fingerprint")
 BASELINES = ("base", "oracle", "stale-t0", "stale-newest", "stale-best", "nearest", "mean", "hypernet", "in-prompt")
 METHODS = BASELINES + GENERATED
 
@@ -110,6 +113,15 @@ def mean_adapter(adapters: list[tuple[LoraSpec, dict]]) -> tuple[LoraSpec, dict[
     """The average weight update of `adapters` (one layout), factorized back to their rank."""
     spec = adapters[0][0]
     deltas = {m.name: sum(delta_weight(spec, s, m.name) for _, s in adapters) / len(adapters) for m in spec.modules}
+    return spec, factorize(spec, deltas)
+
+
+def shifted_adapter(start: tuple[LoraSpec, dict], new: tuple[LoraSpec, dict],
+                    old: tuple[LoraSpec, dict]) -> tuple[LoraSpec, dict[str, torch.Tensor]]:
+    """`start`'s update plus the difference new - old of two updates (one layout), factorized back to the rank."""
+    spec = start[0]
+    deltas = {m.name: delta_weight(spec, start[1], m.name) + delta_weight(spec, new[1], m.name)
+              - delta_weight(spec, old[1], m.name) for m in spec.modules}
     return spec, factorize(spec, deltas)
 
 

@@ -43,6 +43,7 @@ from oral.experiments.methods import (
     gibberish,
     mean_adapter,
     random_base_condition,
+    shifted_adapter,
     with_base_spec,
     without_fingerprint,
 )
@@ -226,6 +227,8 @@ class Experiment:
                 yield from self._generated(method, base, descriptions, model, guidance=g)
             elif method == "refined":
                 yield from self._refined(base, task, descriptions, model, ev)
+            elif method == "shifted" and unseen_version:
+                yield from self._shifted(base, descriptions, model)
             elif method == "random-text":
                 for d in descriptions:
                     for s in cfg.seeds:
@@ -337,6 +340,19 @@ class Experiment:
                 c.info.update(strength=strength, from_version=starts[d].info["from_version"],
                               from_task=starts[d].info["from_task"])
                 yield c
+
+    def _shifted(self, base: str, descriptions: list[str], model) -> Iterator[Candidate]:
+        """nearest's adapter plus the generator's change from nearest's version to `base` (see `shifted_adapter`)."""
+        for d in descriptions:
+            start = self._nearest(base, d, model)
+            old_base = self.zoo.versions[start.info["from_version"]]  # a training version: its c_model is cached
+            for s in self.cfg.seeds:
+                new = self._generate("generated", base, d, s, model)
+                old = self._generate("generated", old_base, d, s, None)
+                spec, state = shifted_adapter((start.spec, start.state), (new.spec, new.state), (old.spec, old.state))
+                yield Candidate("shifted", d, s, spec, state,
+                                info={**new.info, "from_version": start.info["from_version"],
+                                      "from_task": start.info["from_task"]})
 
     def _choose_guidance(self, base: str, task: str, description: str, model, ev: Evaluator) -> float:
         """The guidance scale whose adapter (first description, first seed) scores best on validation."""
