@@ -32,6 +32,8 @@ stamp "unseen-task"; oral experiment family-unseen-task --config configs/exp-uns
                          versions=[0,1,2,3,4] tasks=[tweet-sentiment,text-domain]
 stamp "ablation";    oral experiment family-ablation --config configs/exp-ablation.yaml $FAMILY versions=[3,4] \
                          tasks=[movie-sentiment,sms-spam,trec-question] "sweep_steps=[25,60]"
+stamp "shifted";      oral experiment portability-shifted --config configs/exp-portability.yaml \
+                         methods=[base,oracle,stale-newest,nearest,generated,shifted] seeds=[0]
 stamp "memorization"; oral experiment family-memorization --config configs/exp-memorization.yaml $FAMILY \
                          versions=[3,4] tasks=[movie-sentiment,amazon-sentiment,news-sentiment,rotten-tomatoes,sms-spam,trec-question] \
                          methods=[oracle,hypernet,generated,refined] strengths=[0.0,0.1,0.25,0.5,0.75]
