@@ -41,9 +41,15 @@ def test_demo_generates_scores_three_ways_and_reuses_its_scores(tiny_generator_d
         raise AssertionError("a cached score was measured again")
 
     monkeypatch.setattr(Evaluator, "evaluate", never)
+    monkeypatch.setattr("oral.demo.generate_adapters", never)  # the adapter in the demo's dir is this request's
     again = run_demo(prompt="Recognize unsolicited bulk messages on a phone.", generator=tiny_generator_dir,
                      base="tiny-llama", limit=16, steps=10)
-    assert again["rows"] == result["rows"]
+    assert again["rows"] == result["rows"] and again["adapter"] == result["adapter"]
+    with pytest.raises(AssertionError, match="measured again"):  # another number of steps: a new adapter, scored
+        monkeypatch.undo()
+        monkeypatch.setattr(Evaluator, "evaluate", never)
+        run_demo(prompt="Recognize unsolicited bulk messages on a phone.", generator=tiny_generator_dir,
+                 base="tiny-llama", limit=16, steps=5)
 
 
 def test_prompt_in_context_prefixes_every_example_and_keeps_labels():

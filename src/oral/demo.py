@@ -21,6 +21,7 @@ two cores beat one run on two threads), then the generator's 1000 steps. Every s
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import re
@@ -32,9 +33,9 @@ import torch
 
 from oral.evaluate import Evaluator, ScoreCache
 from oral.finetune import FinetuneConfig
-from oral.generate import Generator, generate_adapters
+from oral.generate import WEIGHTS_NAME, Generator, generate_adapters
 from oral.grid import GridBlock, ZooConfig, run_grid
-from oral.lora import adapter_digest, load_adapter
+from oral.lora import PROVENANCE_NAME, adapter_digest, load_adapter
 from oral.models import load_base
 from oral.paths import oral_home
 from oral.tasks import get_task
@@ -122,6 +123,25 @@ def build_from_scratch(base: str = "smollm2-135m", workers: int | None = None) -
 # The demo
 
 
+def _made_before(out: Path, gen: Generator, base: str, prompt: str, seed: int, steps: int | None) -> bool:
+    """Whether `out` holds the adapter this request would make: its provenance names the same generator
+    (path, step, zoos), base, prompt, seed and sampling, and it is newer than the generator's weights.
+    Reusing it keeps a rerun's scores cached: the same request on another thread count gives an adapter
+    that differs in the last float bits, so its digest, the score cache's key, would differ too."""
+    made = out / PROVENANCE_NAME
+    if not (made.is_file() and (out / "adapter_model.safetensors").is_file()):
+        return False
+    try:
+        had = json.loads(made.read_text())
+    except (OSError, ValueError):
+        return False
+    s, g = gen.sampling(steps, None)
+    want = {k: v for k, v in gen.provenance(base, prompt, seed, s, g, "ddim", 0.0).items() if k != "created"}
+    weights = gen.path / WEIGHTS_NAME
+    newer = not weights.is_file() or made.stat().st_mtime >= weights.stat().st_mtime
+    return newer and all(had.get(k) == v for k, v in want.items())
+
+
 def _slug(text: str) -> str:
     return re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-")[:48] or "adapter"
 
@@ -155,8 +175,12 @@ def run_demo(prompt: str | None = None, task: str | None = None, generator: str 
 
     t = time.time()
     out = Path(out) if out is not None else demo_home() / "adapters" / f"{_slug(prompt)}-s{seed}"
-    print(f"[2/4] generating an adapter for {base} from {prompt!r}", flush=True)
-    (adapter,) = generate_adapters(gen, base, prompt, out, seed=seed, steps=steps, overwrite=True)
+    if _made_before(out, gen, base, prompt, seed, steps):
+        print(f"[2/4] the adapter for {base} from {prompt!r} was made before by this generator: {out}", flush=True)
+        adapter = out
+    else:
+        print(f"[2/4] generating an adapter for {base} from {prompt!r}", flush=True)
+        (adapter,) = generate_adapters(gen, base, prompt, out, seed=seed, steps=steps, overwrite=True)
     seconds["generate"] = time.time() - t
 
     t = time.time()
