@@ -13,8 +13,8 @@ and the base with the adapter are scored on the same examples.
 `--from-scratch` builds the generator itself first, with the recipe of `configs/zoo-quick.yaml`
 and `configs/generator-quick.yaml` (`scratch_configs`), the bundled generator's own
 (scripts/build_generator.sh): four classification tasks on smollm2-135m, 120-step LoRA runs whose
-last 12 checkpoints are kept, trained by one single-threaded process per core (two runs at once on
-two cores beat one run on two threads), then the generator's 1000 steps. Every stage is cached
+last 12 checkpoints are kept, trained by one process per core (up to one per run; two single-threaded
+runs at once on two cores beat one run on two threads), then the generator's 1000 steps. Every stage is cached
 ($ORAL_HOME/zoos/quick, $ORAL_HOME/generators/demo) and resumes where it stopped. Scores are cached by
 (adapter bytes, task, split, limit), so a rerun only repeats what changed.
 """
@@ -71,19 +71,20 @@ def scratch_configs(base: str = "smollm2-135m") -> tuple[ZooConfig, GeneratorTra
     return zoo, gen
 
 
-def _zoo_worker(cfg: ZooConfig, rank: int, world_size: int) -> None:
-    """One of `build_from_scratch`'s zoo processes: its share of the runs, on one thread."""
-    torch.set_num_threads(1)
+def _zoo_worker(cfg: ZooConfig, rank: int, world_size: int, threads: int) -> None:
+    """One of `build_from_scratch`'s zoo processes: its share of the runs, on `threads` threads."""
+    torch.set_num_threads(threads)
     run_grid(cfg, rank=rank, world_size=world_size)
 
 
 def build_zoo(cfg: ZooConfig, workers: int) -> dict:
-    """Train the grid's missing runs with `workers` single-threaded processes (each takes every
+    """Train the grid's missing runs with `workers` processes sharing the cores (each takes every
     workers-th run), then check in this process that every run is done (and train what a failed
     worker left); the counts of that check."""
     if workers > 1:
+        threads = max(1, (os.cpu_count() or 1) // workers)
         ctx = torch.multiprocessing.get_context("spawn")
-        procs = [ctx.Process(target=_zoo_worker, args=(cfg, i, workers), daemon=True) for i in range(workers)]
+        procs = [ctx.Process(target=_zoo_worker, args=(cfg, i, workers, threads), daemon=True) for i in range(workers)]
         for p in procs:
             p.start()
         for p in procs:
