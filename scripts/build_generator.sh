@@ -5,19 +5,19 @@
 # configs/generator-quick.yaml trained to the end of its 1000 steps; then its scores on held-out
 # descriptions, and the fp16 copy with its model card. Resumable: rerunning skips what is done.
 # Time: the zoo ~35 min of one free core; the generator ~1.1-1.7 s a step on one thread (500 steps
-# took 546 s and 852 s on the shared 2-core machine); the scores ~15 min (docs/RESULTS.md).
+# took 546 s and 852 s on the shared 2-core machine); the scores ~10 min (docs/RESULTS.md).
 #   bash scripts/build_generator.sh
 set -euo pipefail
 cd "$(dirname "$0")/.."
 . .venv/bin/activate
 HOME_DIR=${ORAL_HOME:-$HOME/.cache/oral}
 GEN=$HOME_DIR/generators/quick-1000
-SCORES=docs/results/generator-quick-1000.json
+SCORES=docs/results/exp-bundled-seen.json
 T0=$(date +%s)
 oral zoo --config configs/zoo-quick.yaml
 oral train --zoo "$HOME_DIR/zoos/quick" --out "$GEN" --config configs/generator-quick.yaml
-oral compare --generator "$GEN" --zoo "$HOME_DIR/zoos/quick" --base smollm2-135m --descriptions 2 \
-    --seeds 0,1,2 --limit 200 --json-out "$SCORES"
+# held-out descriptions x 3 seeds on the test split, at the 10 DDIM steps `oral generate` uses
+oral experiment bundled-seen --config configs/exp-seen.yaml generator="$GEN" steps=10 "methods=[base,oracle,generated]"
 # Step and guidance were chosen on the validation split (`oral experiment seen-step1000`, generated-cfg;
 # docs/RESULTS.md, "Does it generalize?"): mean over the four tasks 0.895 at guidance 1, 0.888 at 1.5,
 # 0.883 at 2, 0.868 at 3, against 0.795 for the step-500 export at its best (guidance 3).
