@@ -39,6 +39,7 @@ from oral.io import (
 from oral.lora import AdapterError, LoraSpec, adapter_digest, load_adapter, save_adapter, validate_adapter, with_base
 from oral.models import (
     EMBEDDED,
+    IMAGE_BASE_UNET,
     base_id,
     is_image_base,
     load_base,
@@ -659,7 +660,7 @@ def base_fingerprint(base: str, model: torch.nn.Module | None = None) -> str | N
     path = Path(base).expanduser().resolve() if image else Path(resolve(base))
     key = None
     if path.is_dir():  # a hub id has no local files to key on: computed every time
-        weights = path / "unet" if image else path  # an image base: its UNet's files
+        weights = path / IMAGE_BASE_UNET if image else path  # an image base: its UNet's files
         files = sorted((p.name, p.stat().st_size, p.stat().st_mtime_ns) for p in weights.iterdir()
                        if p.is_file() and p.suffix in (".safetensors", ".bin", ".json"))
         key = json.dumps([str(path.resolve()), "float32", files])

@@ -258,6 +258,7 @@ def _hub_error(name: str, err: Exception) -> ModelError:
 
 
 IMAGE_BASE_META = "image_base.json"  # what marks a dir as an image base model (oral.image.base)
+IMAGE_BASE_UNET = "unet"  # its UNet's diffusers dir
 
 
 def is_image_base(name_or_path: str | Path) -> bool:
@@ -271,7 +272,7 @@ def load_base_config(name_or_path: str | Path) -> PretrainedConfig:
     if is_image_base(name_or_path):
         from diffusers import UNet2DConditionModel
 
-        return dict(UNet2DConditionModel.load_config(Path(str(name_or_path)).expanduser() / "unet"))
+        return dict(UNet2DConditionModel.load_config(Path(str(name_or_path)).expanduser() / IMAGE_BASE_UNET))
     name = resolve(name_or_path)
     try:
         return AutoConfig.from_pretrained(name)
@@ -298,7 +299,8 @@ def load_base(
     if is_image_base(name_or_path):
         from diffusers import UNet2DConditionModel
 
-        unet = UNet2DConditionModel.from_pretrained(Path(str(name_or_path)).expanduser() / "unet", torch_dtype=dtype)
+        unet = UNet2DConditionModel.from_pretrained(Path(str(name_or_path)).expanduser() / IMAGE_BASE_UNET,
+                                                    torch_dtype=dtype)
         unet.to(device).eval()
         unet.requires_grad_(False)
         return unet, None

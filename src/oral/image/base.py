@@ -36,6 +36,7 @@ from oral.io import (
     read_json,
     remove_debris,
 )
+from oral.models import IMAGE_BASE_META, IMAGE_BASE_UNET
 from oral.progress import progress_bar
 from oral.training import (
     SCHEDULES,
@@ -50,8 +51,8 @@ from oral.training import (
 
 log = logging.getLogger(__name__)
 
-META_NAME = "image_base.json"
-UNET_DIR = "unet"
+META_NAME = IMAGE_BASE_META
+UNET_DIR = IMAGE_BASE_UNET
 SCHEDULER_DIR = "scheduler"
 CHECKPOINTS = "checkpoints"
 SAMPLES_NAME = "samples.png"  # held-out subjects drawn by the final model
