@@ -534,8 +534,8 @@ TIE = 1e-9  # score differences below this are float rounding
 
 
 def bar_lines(name: str, table: dict[tuple[int, str], dict[str, list[float]]]) -> list[str]:
-    """Markdown: in how many cells the mean of `generated` (and of `generated-cfg`, `refined`, `shifted`) clears each reference
-    method's mean (ties do not count, except against the oracle, which it may trail by a point)."""
+    """Markdown: in how many cells the mean of `generated` (and of `generated-cfg`, `refined`, `shifted`) clears
+    each reference method's mean (ties do not count, except against the oracle, which it may trail by a point)."""
     lines = []
     for method in ("generated", "generated-cfg", "refined", "shifted"):
         counts = []
