@@ -26,7 +26,8 @@ from oral import tasks as tasks_mod
 from oral.config import load_config
 from oral.finetune import (FinetuneConfig, LoadedBase, as_loaded_base, drop_training_checkpoints, task_key,
                             train_run)
-from oral.models import base_id
+from oral.image.lora import RunBusy, StyleLoraConfig, train_style_lora
+from oral.models import base_id, is_image_base
 from oral.paths import expand_path
 from oral.progress import progress_bar
 from oral.training import dist_env, get_task, resolve_device
@@ -59,7 +60,9 @@ class ZooConfig:
 
     out: str = "$ORAL_HOME/zoos/default"  # zoo root; $ORAL_HOME and ~ are expanded
     grid: list[GridBlock] = field(default_factory=list)
-    train: FinetuneConfig = field(default_factory=FinetuneConfig)
+    train: FinetuneConfig = field(default_factory=FinetuneConfig)  # runs on language models
+    # runs on an image base (`oral images train-base` dirs as bases, style sets as tasks): style LoRAs
+    style_train: StyleLoraConfig = field(default_factory=StyleLoraConfig)
 
 
 @dataclass(frozen=True)
@@ -176,6 +179,15 @@ def run_grid(cfg: ZooConfig, rank: int | None = None, world_size: int | None = N
     if waiting:
         log.warning("%d run(s) wait for evolved versions not built yet: %s", len(waiting),
                     ", ".join(sorted({w.base for w in waiting})))
+    # style LoRAs on image bases: train_style_lora skips done runs and finishes stopped ones itself
+    styles = [r for r in runs if is_image_base(expand_path(r.base))]
+    runs = [r for r in runs if r not in styles]
+    style_busy = 0
+    for r in progress_bar(styles, desc=f"style runs [{rank}/{world_size}]", position=0):
+        try:
+            train_style_lora(expand_path(r.base), r.task, r.rank, r.seed, out_dir=zoo.root, cfg=cfg.style_train)
+        except RunBusy:
+            style_busy += 1
     device = resolve_device(cfg.train.device)
 
     # Skip done runs without loading anything: the run id needs only the base id and task key.
@@ -188,7 +200,8 @@ def run_grid(cfg: ZooConfig, rank: int | None = None, world_size: int | None = N
         else:
             drop_training_checkpoints(zoo, rid)
     counts = {"runs": len(runs), "skipped": len(runs) - len(todo), "trained": 0, "busy": 0,
-              "waiting": len(shard(waiting, rank, world_size))}
+              "waiting": len(shard(waiting, rank, world_size)), "style_runs": len(styles) - style_busy}
+    counts["busy"] += style_busy
     bar = progress_bar(total=len(runs), initial=counts["skipped"], desc=f"zoo grid [{rank}/{world_size}]",
                        position=0)
     current: LoadedBase | None = None

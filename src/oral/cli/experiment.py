@@ -8,7 +8,9 @@ def add_parser(sub) -> None:
         description=(
             "oral experiment NAME --config configs/exp-NAME.yaml [key=value ...]. Writes "
             "OUT/exp-NAME.json (one row per method, version, task, description and seed), exp-NAME.md and "
-            "exp-NAME.png. Generated adapters and scores are cached: a rerun measures only what is new."
+            "exp-NAME.png. Generated adapters and scores are cached: a rerun measures only what is new. "
+            "Names that start with image- are image-domain experiments (configs/exp-image-styles.yaml): style "
+            "LoRAs on an image base, judged by FID-ours, KID-ours, style and subject accuracy."
         ),
     )
     p.add_argument("name", metavar="NAME", help="the experiment's name (its files are exp-NAME.*)")
@@ -26,9 +28,16 @@ def run(args) -> int:
     if "=" in name:
         raise ValueError(f"the first word must be the experiment's name, not the override {name!r}: "
                          f"oral experiment NAME --config configs/exp-NAME.yaml [key=value ...]")
-    cfg = load_config(ExperimentConfig, args.config, overrides)
-    result = run_experiment(name, cfg)
-    print(format_table(result))
+    if name.startswith("image-"):
+        from oral.experiments.image_styles import ImageStylesConfig, format_tables, run_image_styles
+
+        cfg = load_config(ImageStylesConfig, args.config, overrides)
+        result = run_image_styles(name, cfg)
+        print(format_tables(result))
+    else:
+        cfg = load_config(ExperimentConfig, args.config, overrides)
+        result = run_experiment(name, cfg)
+        print(format_table(result))
     out = expand_path(cfg.out)
     print(f"{len(result['rows'])} rows in {result['wall_s']:.0f} s; written {out}/exp-{name}.json, .md, .png")
     return 0

@@ -11,13 +11,17 @@ def add_parser(sub) -> None:
                     "`oral images train-base [--config configs/image-base-emoji.yaml] [key=value ...]` trains "
                     "the image base model (resumable); `oral images sample --base DIR PROMPT ...` draws with it; "
                     "`oral images train-style --base DIR STYLE ... [key=value ...]` trains a style LoRA per style set "
-                    "into a zoo (PEFT dirs that also hold diffusers' pytorch_lora_weights.safetensors).",
+                    "into a zoo (PEFT dirs that also hold diffusers' pytorch_lora_weights.safetensors); "
+                    "`oral images train-judge [key=value ...]` trains the style/category classifier whose features "
+                    "give FID-ours and KID-ours (default $ORAL_HOME/image-judges/emoji-32).",
     )
-    p.add_argument("action", choices=["list", "fetch", "train-base", "sample", "train-style"], help="what to do")
+    p.add_argument("action", choices=["list", "fetch", "train-base", "sample", "train-style", "train-judge"], help="what to do")
     p.add_argument("words", nargs="*", help="fetch: style set names; train-base: key=value overrides; sample: prompts; "
-                                          "train-style: style set names and key=value overrides of StyleLoraConfig")
+                                          "train-style: style set names and key=value overrides of StyleLoraConfig; "
+                                          "train-judge: key=value overrides of JudgeConfig")
     p.add_argument("--config", help="train-base: a YAML ImageBaseConfig")
     p.add_argument("--out", help="train-base: the model dir (default $ORAL_HOME/image-bases/<style>); "
+                                 "train-judge: the judge's dir (default $ORAL_HOME/image-judges/emoji-32); "
                                  "sample: the PNG to write (default samples.png)")
     p.add_argument("--base", help="sample, train-style: a trained image base dir")
     p.add_argument("--adapter", help="sample: a style LoRA dir to draw with (diffusers' pytorch_lora_weights.safetensors)")
@@ -59,6 +63,17 @@ def run(args) -> int:
         fetch_style_set(cfg.style)
         out = Path(expand_path(args.out)) if args.out else oral_home() / "image-bases" / cfg.style
         print(f"image base: {train_image_base(out, cfg)}")
+        return 0
+    if args.action == "train-judge":
+        from oral.config import load_config
+        from oral.image.judge import DEFAULT_JUDGE, JudgeConfig, train_judge
+        from oral.paths import expand_path
+
+        cfg = load_config(JudgeConfig, None, args.words)
+        judge = train_judge(expand_path(args.out or DEFAULT_JUDGE), cfg)
+        h = judge.meta["heldout"]
+        print(f"judge: {expand_path(args.out or DEFAULT_JUDGE)} ({judge.meta['wall_s']:.0f} s); held-out subjects: "
+              f"style accuracy {h['style_acc']:.3f}, category accuracy {h['category_acc']:.3f}")
         return 0
     if args.action == "train-style":
         from oral.config import load_config

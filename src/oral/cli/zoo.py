@@ -155,6 +155,7 @@ def run(args) -> int:
     counts = run_grid(cfg, skip_missing=args.skip_missing)
     waiting = f", {counts['waiting']} waiting for evolved versions" if counts["waiting"] else ""
     busy = f", {counts['busy']} left to another process" if counts["busy"] else ""
+    styles = f", {counts['style_runs']} style runs trained or found done" if counts["style_runs"] else ""
     print(f"zoo {expand_path(cfg.out)}: {counts['trained']} runs trained, {counts['skipped']} already done{busy} "
-          f"(of {counts['runs']} for this process){waiting} in {time.time() - t0:.1f} s")
+          f"(of {counts['runs']} for this process){styles}{waiting} in {time.time() - t0:.1f} s")
     return 0

@@ -53,10 +53,13 @@ class StyleSet:
     free: bool  # False: research runs only (never shipped, never in the repository)
     descriptions: tuple[str, ...]  # the style in words, as a user might ask for it (what a generator trains on)
     heldout_descriptions: tuple[str, ...]  # other wordings, never trained on (what experiments ask with)
+    svg_folder: str | None = None  # a package of SVGs: the folder rasterised at fetch time into `folder` as PNG
 
 
 # The emoji-datasource packages: the same ~1,900 subjects (emoji.json names them) in four house styles, 64x64 RGBA.
 EMOJI_VERSION = "16.0.0"
+OPENMOJI_VERSION = "17.0.0"
+NAMES_FROM = "emoji-google"  # the set whose index names the subjects of SVG sets (any emoji-datasource set would do)
 STYLE_SETS: dict[str, StyleSet] = {
     s.name: s for s in (
         StyleSet("emoji-google", f"emoji-datasource-google@{EMOJI_VERSION}", "img/google/64", "has_img_google",
@@ -79,6 +82,18 @@ STYLE_SETS: dict[str, StyleSet] = {
                  ("bold outlined emoji in Facebook's style", "Facebook emoji with strong shapes and saturated colours",
                   "draw it as a Facebook Messenger emoji", "chunky saturated cartoon icons"),
                  ("make it look like Facebook's emoji", "vivid chunky emoji art")),
+        # OpenMoji: the same Unicode subjects drawn as SVG, in colour and as black line art; rasterised at fetch
+        # time and named by emoji-datasource's names (joined on the code point), so every set names a subject alike.
+        StyleSet("openmoji-color", f"openmoji@{OPENMOJI_VERSION}", "png", "has_img", "CC-BY-SA-4.0", True,
+                 ("OpenMoji style: bold black outlines around flat colours", "outlined flat emoji like OpenMoji",
+                  "draw it as an OpenMoji icon with thick dark contours", "hand-drawn looking icons with black outlines"),
+                 ("make it look like the open source OpenMoji set", "flat coloured emoji with heavy outlines"),
+                 svg_folder="color/svg"),
+        StyleSet("openmoji-line", f"openmoji@{OPENMOJI_VERSION}", "png", "has_img", "CC-BY-SA-4.0", True,
+                 ("black and white line drawings", "black outline art with no colour, OpenMoji line style",
+                  "draw it as a monochrome line icon", "thin black strokes on white, like a colouring book"),
+                 ("only black lines on a white background", "uncoloured outline sketch of the emoji"),
+                 svg_folder="black/svg"),
     )
 }
 INDEX = "emoji.json"
@@ -115,14 +130,56 @@ def fetch_style_set(name: str, npm: str = "npm") -> Path:
             raise StyleSetError(f"`npm pack {s.package}` failed ({run.stderr.strip()[-300:] or 'no archive'}); "
                                 "check the network or the npm registry setting")
         with tarfile.open(tgz[0]) as tar, atomic_dir(final, overwrite=True) as out:
-            wanted = [m for m in tar.getmembers() if m.isfile() and (
-                m.name == f"package/{INDEX}" or m.name.startswith(f"package/{s.folder}/"))]
-            for m in wanted:
-                m.name = m.name.removeprefix("package/")
-            tar.extractall(out, members=wanted, filter="data")
+            if s.svg_folder is not None:
+                _rasterise_openmoji(tar, s, out)
+            else:
+                wanted = [m for m in tar.getmembers() if m.isfile() and (
+                    m.name == f"package/{INDEX}" or m.name.startswith(f"package/{s.folder}/"))]
+                for m in wanted:
+                    m.name = m.name.removeprefix("package/")
+                tar.extractall(out, members=wanted, filter="data")
     if not (final / INDEX).is_file():
         raise StyleSetError(f"{s.package} has no {INDEX}; the package layout changed (pinned version {EMOJI_VERSION})")
     return final
+
+
+RASTER_SIZE = 64  # SVG sets are drawn at the emoji-datasource pictures' size
+
+
+def _rasterise_openmoji(tar: tarfile.TarFile, s: StyleSet, out: Path) -> None:
+    """Draw an OpenMoji package's SVGs (`s.svg_folder`) as RASTER_SIZE PNGs into out/<s.folder>/ and write an
+    emoji-datasource-like index: each subject named as NAMES_FROM names its code point; skin-tone variants and
+    code points NAMES_FROM does not know are left out."""
+    try:
+        import cairosvg
+    except ImportError as e:  # an install without it
+        raise StyleSetError(f"{s.name} is SVG and needs cairosvg to draw it: `pip install cairosvg` ({e})") from e
+    names_index = fetch_style_set(NAMES_FROM) / INDEX
+    known = {}
+    for e in json.loads(names_index.read_text(encoding="utf-8")):
+        for code in (e.get("unified"), e.get("non_qualified")):
+            if code:
+                known.setdefault(code.upper(), e)
+    members = {m.name: m for m in tar.getmembers() if m.isfile()}
+    meta = members.get("package/data/openmoji.json")
+    if meta is None:
+        raise StyleSetError(f"{s.package} has no data/openmoji.json; the package layout changed "
+                            f"(pinned version {OPENMOJI_VERSION})")
+    (out / s.folder).mkdir(parents=True)
+    index = []
+    for m in json.loads(tar.extractfile(meta).read()):
+        e = known.get(str(m.get("hexcode", "")).upper())
+        svg = members.get(f"package/{s.svg_folder}/{m.get('hexcode')}.svg")
+        if e is None or svg is None or m.get("skintone"):
+            continue
+        png = f"{m['hexcode']}.png"
+        cairosvg.svg2png(bytestring=tar.extractfile(svg).read(), write_to=str(out / s.folder / png),
+                         output_width=RASTER_SIZE, output_height=RASTER_SIZE)
+        index.append({"name": e["name"], "unified": e["unified"], "image": png, "category": e.get("category"),
+                      "sort_order": e.get("sort_order", 0), s.flag: True})
+    if not index:
+        raise StyleSetError(f"{s.package}: no SVG matched a code point of {NAMES_FROM}; the package layout changed")
+    atomic_write_json(out / INDEX, index)
 
 
 def is_test_subject(subject: str) -> bool:
@@ -148,6 +205,15 @@ def subjects_of(name: str) -> list[tuple[str, Path]]:
     if not out:
         raise StyleSetError(f"{root} holds no pictures of {name}; remove it and fetch it again")
     return out
+
+
+def categories_of(name: str) -> dict[str, str]:
+    """Subject name -> its Unicode category ("Smileys & Emotion", "Animals & Nature", ...) in a fetched set."""
+    root = style_dir(name)
+    if not (root / INDEX).is_file():
+        raise StyleSetError(f"style set {name} is not fetched; run `oral images fetch {name}`")
+    entries = json.loads((root / INDEX).read_text(encoding="utf-8"))
+    return {(e.get("name") or "").lower(): e.get("category") or "" for e in entries if e.get("name")}
 
 
 def to_tensor(path: Path, size: int) -> torch.Tensor:

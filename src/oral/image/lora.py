@@ -54,6 +54,10 @@ class StyleLoraError(ValueError):
     """A style-LoRA run that cannot work as asked."""
 
 
+class RunBusy(StyleLoraError):
+    """The run is being trained by another process (it holds the run's lock)."""
+
+
 @dataclass
 class StyleLoraConfig:
     """Hyperparameters of one style-LoRA run (shared by every run of a style zoo)."""
@@ -163,7 +167,7 @@ def train_style_lora(base_dir: str | Path, style: str, rank: int = 4, seed: int 
     kept = [run_dir / step_dirname(x) for x in save_steps]
     with try_lock(zoo.root / "locks" / f"{run_id}.lock") as locked:
         if not locked:
-            raise StyleLoraError(f"run {run_id} is being trained by another process")
+            raise RunBusy(f"run {run_id} is being trained by another process")
         recorded = {r["step"]: r for r in zoo.all_records() if r["run_id"] == run_id}
         if any(r.get("final") for r in recorded.values()):
             return kept

@@ -1,0 +1,161 @@
+"""The image domain's evaluation: SVG style sets, the judge (FID-ours, KID-ours, style and subject accuracy),
+style runs in `oral zoo` grids, and the image-styles experiment end to end on tiny assets."""
+
+import io
+import json
+import tarfile
+
+import pytest
+import torch
+
+TINY = {"size": 8, "channels": [8, 16], "norm_groups": 8, "head_dim": 4, "text_tokens": 6, "batch_size": 4,
+        "warmup_steps": 2, "log_every": 1, "sample_steps": 3, "device": "cpu"}
+
+
+def _fake_style_set(home, name: str, folder: str, flag: str, shade: int, n: int = 40) -> None:
+    """A fetched style set of n subjects in two categories: 4x4 squares whose blue channel is the style."""
+    from PIL import Image
+
+    root = home / "images" / name
+    (root / folder).mkdir(parents=True)
+    entries = []
+    for i in range(n):
+        im = Image.new("RGBA", (4, 4), (200 * (i % 2), 6 * i, shade, 255))
+        im.save(root / folder / f"{i:04x}.png")
+        entries.append({"name": f"SUBJECT {i}", "unified": f"{0x1F600 + i:X}", "image": f"{i:04x}.png", flag: True,
+                        "sort_order": i, "category": ["Smileys & Emotion", "Animals & Nature"][i % 2]})
+    (root / "emoji.json").write_text(json.dumps(entries))
+
+
+@pytest.fixture
+def style_home(tmp_path, monkeypatch):
+    monkeypatch.setenv("ORAL_HOME", str(tmp_path / "home"))
+    _fake_style_set(tmp_path / "home", "emoji-google", "img/google/64", "has_img_google", 128)
+    _fake_style_set(tmp_path / "home", "emoji-twitter", "img/twitter/64", "has_img_twitter", 0)
+    _fake_style_set(tmp_path / "home", "emoji-apple", "img/apple/64", "has_img_apple", 255)
+    return tmp_path / "home"
+
+
+def test_an_svg_style_set_is_drawn_at_fetch_time_and_named_by_code_point(style_home, tmp_path):
+    """OpenMoji's SVGs are rasterised once and take emoji-datasource's names (joined on the code point);
+    skin-tone variants and code points it does not know are left out."""
+    from oral.image.data import load_style_set
+
+    svg = b'<svg xmlns="http://www.w3.org/2000/svg" viewBox="0 0 8 8"><rect width="8" height="8" fill="#ff0000"/></svg>'
+    meta = [{"hexcode": "1F600", "annotation": "grinning face", "skintone": ""},
+            {"hexcode": "1F601", "annotation": "beaming face", "skintone": ""},
+            {"hexcode": "1F601-1F3FB", "annotation": "beaming face: light", "skintone": "1"},
+            {"hexcode": "E000", "annotation": "an OpenMoji extra", "skintone": ""}]
+    pkg = tmp_path / "openmoji-17.0.0.tgz"
+    with tarfile.open(pkg, "w:gz") as tar:
+        def add(name, data):
+            info = tarfile.TarInfo(f"package/{name}")
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+        add("data/openmoji.json", json.dumps(meta).encode())
+        for m in meta:
+            add(f"color/svg/{m['hexcode']}.svg", svg)
+    npm = tmp_path / "npm"
+    npm.write_text(f"#!/bin/sh\ncp {pkg} .\n")
+    npm.chmod(0o755)
+
+    from oral.image.data import fetch_style_set
+
+    fetch_style_set("openmoji-color", npm=str(npm))
+    images, names = load_style_set("openmoji-color", size=4, split="all")
+    assert names == ["subject 0", "subject 1"]  # emoji-google's names of 1F600, 1F601
+    assert torch.allclose(images[0, :, 2, 2], torch.tensor([1.0, -1.0, -1.0]))  # the red square, drawn
+
+
+def test_frechet_distance_and_kid_follow_their_definitions():
+    from oral.image.judge import frechet_distance, kernel_distance
+
+    g = torch.Generator().manual_seed(0)
+    a = torch.randn(400, 6, generator=g, dtype=torch.float64)
+    shift = torch.tensor([1.0, -2.0, 0, 0, 0, 0.5], dtype=torch.float64)
+    assert frechet_distance(a, a) == pytest.approx(0.0, abs=1e-6)
+    assert frechet_distance(a, a + shift) == pytest.approx(float((shift ** 2).sum()), rel=1e-6)  # same covariance
+    assert frechet_distance(a, 3 * a) > frechet_distance(a, 1.1 * a) > 0
+    b = torch.randn(400, 6, generator=g, dtype=torch.float64)
+    assert abs(kernel_distance(a, b)) < kernel_distance(a, a + shift)  # unbiased: ~0 for one distribution
+
+
+def test_the_judge_tells_styles_and_subject_categories_apart_on_held_out_subjects(style_home, tmp_path):
+    from oral.image.judge import Judge, JudgeConfig, JudgeError, train_judge
+
+    with pytest.raises(JudgeError, match="at least two"):
+        JudgeConfig(styles=["emoji-google"])
+    cfg = JudgeConfig(styles=["emoji-google", "emoji-twitter", "emoji-apple"], size=4, width=8, features=8,
+                      steps=150, batch_size=32, lr=1e-2, warmup_steps=5, noise=0.05)
+    judge = train_judge(tmp_path / "judge", cfg)
+    held = judge.meta["heldout"]
+    assert held["style_acc"] > 0.9 and held["category_acc"] > 0.9, held
+    again = Judge.from_pretrained(tmp_path / "judge")
+    x = torch.rand(5, 3, 4, 4) * 2 - 1
+    f1, s1, c1 = judge.predict(x)
+    f2, s2, c2 = again.predict(x)
+    assert torch.allclose(f1, f2) and torch.equal(s1, s2) and torch.equal(c1, c2) and f1.shape == (5, 8)
+    with pytest.raises(JudgeError, match="reads 4 px"):
+        judge.predict(torch.zeros(1, 3, 8, 8))
+    with pytest.raises(JudgeError, match="oral images train-judge"):
+        Judge.from_pretrained(tmp_path / "nothing")
+
+
+def test_a_zoo_grid_on_an_image_base_trains_style_runs(style_home, tmp_path):
+    from oral.grid import GridBlock, ZooConfig, run_grid
+    from oral.image.base import ImageBaseConfig, train_image_base
+    from oral.image.lora import StyleLoraConfig
+    from oral.zoo import Zoo
+
+    base_dir = train_image_base(tmp_path / "base", ImageBaseConfig(**TINY, steps=2, save_every=2))
+    cfg = ZooConfig(out=str(tmp_path / "zoo"), grid=[GridBlock(bases=[str(base_dir)], tasks=["emoji-twitter"],
+                                                               ranks=[2], seeds=[0, 1])],
+                    style_train=StyleLoraConfig(steps=2, keep=1, batch_size=4, warmup_steps=1, checkpoint_every=0,
+                                                eval_limit=4, device="cpu"))
+    counts = run_grid(cfg)
+    finals = [r for r in Zoo(tmp_path / "zoo").records() if r["final"]]
+    assert counts["style_runs"] == 2 and sorted(r["seed"] for r in finals) == [0, 1]
+    assert {(r["domain"], r["task"], r["rank"]) for r in finals} == {("image", "emoji-twitter", 2)}
+
+
+def test_the_image_styles_experiment_writes_rows_tables_and_grids_and_reuses_its_cache(style_home, tmp_path):
+    """Tiny base, a two-style zoo, a generator that saw one style, a judge: base / trained / generated rows
+    for every measure, the unseen style marked, a grid for the free style only; a rerun draws nothing."""
+    from oral.config import load_config
+    from oral.experiments.image_styles import ImageStyles, ImageStylesConfig, format_tables
+    from oral.image.base import ImageBaseConfig, train_image_base
+    from oral.image.judge import JudgeConfig, train_judge
+    from oral.image.lora import StyleLoraConfig, train_style_lora
+    from oral.train import GeneratorTrainConfig, train_generator
+
+    base_dir = train_image_base(tmp_path / "base", ImageBaseConfig(**TINY, steps=2, save_every=2))
+    scfg = StyleLoraConfig(steps=3, keep=2, batch_size=4, warmup_steps=1, checkpoint_every=0, eval_limit=4, device="cpu")
+    for style in ("emoji-twitter", "emoji-apple"):
+        train_style_lora(base_dir, style, rank=2, out_dir=tmp_path / "zoo", cfg=scfg)
+    gcfg = load_config(GeneratorTrainConfig, "configs/generator-tiny.yaml",
+                       ["steps=4", "save_every=4", "device=cpu", "tasks=[emoji-twitter]"])
+    gen_dir = train_generator([tmp_path / "zoo"], tmp_path / "gen", gcfg)
+    train_judge(tmp_path / "judge", JudgeConfig(styles=["emoji-google", "emoji-twitter", "emoji-apple"], size=8,
+                                                width=8, features=8, steps=5, batch_size=8))
+    cfg = ImageStylesConfig(base=str(base_dir), zoo=str(tmp_path / "zoo"), generator=str(gen_dir),
+                            judge=str(tmp_path / "judge"), rank=2, descriptions=1, seeds=[0, 1], gen_steps=2,
+                            subjects=4, steps=2, out=str(tmp_path / "out"), cache=str(tmp_path / "cache"))
+    result = ImageStyles(cfg).run()
+    rows = result["rows"]
+    assert {r["task"] for r in rows} == {"emoji-twitter", "emoji-apple"}
+    assert {r["metric"] for r in rows} == {"fid-ours", "kid-ours", "style-acc", "subject-acc"}
+    per = lambda style, method: [r for r in rows if r["task"] == style and r["method"] == method]  # noqa: E731
+    assert len(per("emoji-apple", "base")) == 4 and len(per("emoji-apple", "generated")) == 2 * 4
+    assert {r["seen"] for r in per("emoji-apple", "trained")} == {False}
+    assert {r["seen"] for r in per("emoji-twitter", "generated")} == {True}
+    assert all(0 <= r["value"] <= 1 for r in rows if r["metric"].endswith("-acc"))
+    out = tmp_path / "out"
+    assert json.loads((out / "exp-image-styles.json").read_text())["rows"] == rows
+    assert (out / "exp-image-styles-emoji-twitter.png").is_file()
+    assert not (out / "exp-image-styles-emoji-apple.png").exists()  # not a free style: no pictures in docs
+    assert "held out of the generator" in format_tables(result)
+
+    again = ImageStyles(cfg)
+    drawn = []
+    again.draw = lambda *a, **k: drawn.append(a)
+    assert again.run()["rows"] == rows and not drawn
