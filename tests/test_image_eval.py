@@ -122,7 +122,11 @@ def test_the_image_styles_experiment_writes_rows_tables_and_grids_and_reuses_its
     """Tiny base, a two-style zoo, a generator that saw one style, a judge: base / trained / generated rows
     for every measure, the unseen style marked, a grid for the free style only; a rerun draws nothing."""
     from oral.config import load_config
-    from oral.experiments.image_styles import ImageStyles, ImageStylesConfig, format_tables
+    from oral.experiments.image_styles import (
+        ImageStyles,
+        ImageStylesConfig,
+        format_tables,
+    )
     from oral.image.base import ImageBaseConfig, train_image_base
     from oral.image.judge import JudgeConfig, train_judge
     from oral.image.lora import StyleLoraConfig, train_style_lora
@@ -144,7 +148,7 @@ def test_the_image_styles_experiment_writes_rows_tables_and_grids_and_reuses_its
     rows = result["rows"]
     assert {r["task"] for r in rows} == {"emoji-twitter", "emoji-apple"}
     assert {r["metric"] for r in rows} == {"fid-ours", "kid-ours", "style-acc", "subject-acc"}
-    per = lambda style, method: [r for r in rows if r["task"] == style and r["method"] == method]  # noqa: E731
+    per = lambda style, method: [r for r in rows if r["task"] == style and r["method"] == method]
     assert len(per("emoji-apple", "base")) == 4 and len(per("emoji-apple", "generated")) == 2 * 4
     assert {r["seen"] for r in per("emoji-apple", "trained")} == {False}
     assert {r["seen"] for r in per("emoji-twitter", "generated")} == {True}

@@ -24,8 +24,14 @@ from pathlib import Path
 from oral import evolve
 from oral import tasks as tasks_mod
 from oral.config import load_config
-from oral.finetune import (FinetuneConfig, LoadedBase, as_loaded_base, drop_training_checkpoints, task_key,
-                            train_run)
+from oral.finetune import (
+    FinetuneConfig,
+    LoadedBase,
+    as_loaded_base,
+    drop_training_checkpoints,
+    task_key,
+    train_run,
+)
 from oral.image.lora import RunBusy, StyleLoraConfig, train_style_lora
 from oral.models import base_id, is_image_base
 from oral.paths import expand_path

@@ -27,15 +27,22 @@ import hashlib
 import json
 import logging
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import torch
 from safetensors.torch import save as safetensors_bytes
 
 from oral.experiments.compare import ExperimentError
-from oral.io import atomic_write_bytes, atomic_write_json, atomic_write_text, load_safetensors, read_json
+from oral.io import (
+    atomic_write_bytes,
+    atomic_write_json,
+    atomic_write_text,
+    load_safetensors,
+    read_json,
+)
 from oral.paths import expand_path
 from oral.progress import progress_bar
 

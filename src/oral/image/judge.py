@@ -233,7 +233,7 @@ def kernel_distance(f1: torch.Tensor, f2: torch.Tensor) -> float:
         raise JudgeError(f"KID needs at least 2 pictures a side, got {len(f1)} and {len(f2)}")
     f1, f2 = f1.double(), f2.double()
     d = f1.shape[1]
-    k = lambda a, b: (a @ b.T / d + 1) ** 3  # noqa: E731
+    k = lambda a, b: (a @ b.T / d + 1) ** 3
     k11, k22, k12 = k(f1, f1), k(f2, f2), k(f1, f2)
     m, n = len(f1), len(f2)
     return float((k11.sum() - k11.diagonal().sum()) / (m * (m - 1)) + (k22.sum() - k22.diagonal().sum()) / (n * (n - 1))
