@@ -163,3 +163,13 @@ def test_the_image_styles_experiment_writes_rows_tables_and_grids_and_reuses_its
     drawn = []
     again.draw = lambda *a, **k: drawn.append(a)
     assert again.run()["rows"] == rows and not drawn
+
+
+def test_oral_models_lists_built_image_bases_or_says_how_to_build_one(style_home, tmp_path):
+    from oral.image.base import BUILD_COMMAND, ImageBaseConfig, list_image_bases, train_image_base
+
+    (row,) = list_image_bases()
+    assert row["path"] is None and BUILD_COMMAND in row["source"]
+    train_image_base(style_home / "image-bases" / "emoji-google", ImageBaseConfig(**TINY, steps=1, save_every=1))
+    (row,) = list_image_bases()
+    assert row["path"] == str(style_home / "image-bases" / "emoji-google") and row["num_params"] > 0

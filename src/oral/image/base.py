@@ -33,10 +33,12 @@ from oral.io import (
     atomic_dir,
     atomic_write_bytes,
     atomic_write_text,
+    load_safetensors,
     read_json,
     remove_debris,
 )
-from oral.models import IMAGE_BASE_META, IMAGE_BASE_UNET
+from oral.models import IMAGE_BASE_META, IMAGE_BASE_UNET, is_image_base
+from oral.paths import oral_home
 from oral.progress import progress_bar
 from oral.training import (
     SCHEDULES,
@@ -341,3 +343,30 @@ def write_sample_grid(base: ImageBase, out: str | Path, prompts: list[str], step
     out = Path(out)
     atomic_write_bytes(out, image_grid(base.sample(prompts, steps, guidance, seed, unet=unet), prompts))
     return out
+
+
+BUILD_COMMAND = "oral images train-base --config configs/image-base-emoji.yaml"  # the default image base
+
+
+def list_image_bases() -> list[dict]:
+    """The image bases built under $ORAL_HOME/image-bases (what `oral models` lists), or, when none is,
+    one row saying how to build the default one."""
+    root = oral_home() / "image-bases"
+    rows = []
+    for d in sorted(root.iterdir()) if root.is_dir() else []:
+        if not is_image_base(d):
+            continue
+        meta = read_json(d / META_NAME, f"remove {d} and build it again: {BUILD_COMMAND}")
+        weights = d / UNET_DIR / "diffusion_pytorch_model.safetensors"
+        n = sum(t.numel() for t in load_safetensors(weights, f"remove {d} and build it again").values()) \
+            if weights.is_file() else 0
+        rows.append({"name": str(d), "architecture": "UNet2DConditionModel", "num_params": n,
+                     "description": f"text-to-image base, {meta['size']} px, {meta['style']}, "
+                                    f"{meta['train'].get('prediction_type', 'epsilon')}, step {meta['step']}",
+                     "source": f"built by `oral images train-base` ({meta['style']}, {meta['step']} steps)",
+                     "path": str(d)})
+    if not rows:
+        rows.append({"name": str(root / ImageBaseConfig().style), "architecture": "UNet2DConditionModel",
+                     "num_params": 0, "description": "text-to-image base (not built)",
+                     "source": f"not built: `{BUILD_COMMAND}` (~90 min on one CPU thread)", "path": None})
+    return rows
