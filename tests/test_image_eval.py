@@ -166,10 +166,80 @@ def test_the_image_styles_experiment_writes_rows_tables_and_grids_and_reuses_its
 
 
 def test_oral_models_lists_built_image_bases_or_says_how_to_build_one(style_home, tmp_path):
-    from oral.image.base import BUILD_COMMAND, ImageBaseConfig, list_image_bases, train_image_base
+    from oral.image.base import (
+        BUILD_COMMAND,
+        ImageBaseConfig,
+        list_image_bases,
+        train_image_base,
+    )
 
     (row,) = list_image_bases()
     assert row["path"] is None and BUILD_COMMAND in row["source"]
     train_image_base(style_home / "image-bases" / "emoji-google", ImageBaseConfig(**TINY, steps=1, save_every=1))
     (row,) = list_image_bases()
     assert row["path"] == str(style_home / "image-bases" / "emoji-google") and row["num_params"] > 0
+
+
+def _tiny_sd_pipeline(out, unet_config: dict):
+    """A Stable Diffusion pipeline dir with seeded random weights, built from configs alone (no download):
+    a UNet of `unet_config` on 4 latent channels, a one-block VAE, a one-layer CLIP text model as wide as the
+    UNet's cross-attention and a byte-level CLIP tokenizer."""
+    from diffusers import (
+        AutoencoderKL,
+        DDIMScheduler,
+        StableDiffusionPipeline,
+        UNet2DConditionModel,
+    )
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    chars = [chr(b) for b in printable] + [chr(256 + i) for i in range(256 - len(printable))]  # GPT-2's byte map
+    vocab = {c: i for i, c in enumerate(chars + [c + "</w>" for c in chars] + ["<|startoftext|>", "<|endoftext|>"])}
+    out.mkdir(parents=True)
+    (out / "vocab.json").write_text(json.dumps(vocab))
+    (out / "merges.txt").write_text("#version: 0.2\n")
+    tok = CLIPTokenizer(str(out / "vocab.json"), str(out / "merges.txt"), model_max_length=77)
+    torch.manual_seed(0)
+    unet = UNet2DConditionModel.from_config({**unet_config, "in_channels": 4, "out_channels": 4})
+    vae = AutoencoderKL(block_out_channels=(8,), down_block_types=("DownEncoderBlock2D",), norm_num_groups=4,
+                        up_block_types=("UpDecoderBlock2D",), latent_channels=4, sample_size=16)
+    width = unet.config.cross_attention_dim
+    text = CLIPTextModel(CLIPTextConfig(vocab_size=len(vocab), hidden_size=width, intermediate_size=32, num_hidden_layers=1,
+                                        num_attention_heads=2, max_position_embeddings=77, projection_dim=16))
+    pipe = StableDiffusionPipeline(unet=unet, vae=vae, text_encoder=text, tokenizer=tok, scheduler=DDIMScheduler(),
+                                   safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+    pipe.save_pretrained(out / "pipe")
+    return out / "pipe"
+
+
+def test_a_generated_lora_for_a_stable_diffusion_pipeline_dir_loads_with_load_lora_weights(style_home, tmp_path):
+    """A diffusers pipeline dir is a base: its UNet's layout comes from unet/config.json, and the written dir
+    holds the file `StableDiffusionPipeline.load_lora_weights` reads; the pipeline then draws otherwise.
+    (A generator writes LoRAs for the UNet layouts of its zoo: this pipeline's UNet has the tiny image base's
+    layout, on 4 latent channels; Stable Diffusion 2.1 itself needs a zoo on its UNet.)"""
+    from diffusers import StableDiffusionPipeline
+
+    from oral.config import load_config
+    from oral.generate import generate_adapters
+    from oral.image.base import ImageBaseConfig, train_image_base
+    from oral.image.lora import StyleLoraConfig, train_style_lora
+    from oral.models import is_image_base, is_unet_base, load_base_config
+    from oral.train import GeneratorTrainConfig, train_generator
+
+    base_dir = train_image_base(tmp_path / "base", ImageBaseConfig(**TINY, steps=2, save_every=2))
+    pipe_dir = _tiny_sd_pipeline(tmp_path / "sd", load_base_config(base_dir))
+    assert is_unet_base(pipe_dir) and not is_image_base(pipe_dir)
+    assert load_base_config(pipe_dir)["_class_name"] == "UNet2DConditionModel"
+    cfg = StyleLoraConfig(steps=3, keep=3, batch_size=4, warmup_steps=1, checkpoint_every=0, eval_limit=4, device="cpu")
+    train_style_lora(base_dir, "emoji-twitter", rank=2, out_dir=tmp_path / "zoo", cfg=cfg)
+    gcfg = load_config(GeneratorTrainConfig, "configs/generator-tiny.yaml", ["steps=4", "save_every=4", "device=cpu"])
+    gen_dir = train_generator([tmp_path / "zoo"], tmp_path / "gen", gcfg)
+
+    (out,) = generate_adapters(gen_dir, str(pipe_dir), "flat pastel emoji in the Twitter style", tmp_path / "a",
+                               steps=2, device="cpu")
+    pipe = StableDiffusionPipeline.from_pretrained(pipe_dir)
+    kw = dict(num_inference_steps=2, height=8, width=8, output_type="pt")
+    plain = pipe("a red cat", generator=torch.Generator().manual_seed(0), **kw).images
+    pipe.load_lora_weights(str(out))
+    styled = pipe("a red cat", generator=torch.Generator().manual_seed(0), **kw).images
+    assert styled.shape == plain.shape == (1, 3, 8, 8) and not torch.allclose(plain, styled)

@@ -18,8 +18,9 @@ import itertools
 import json
 import logging
 import re
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, Iterator
+from typing import TYPE_CHECKING, Any
 
 import torch
 from safetensors.torch import save as safetensors_bytes
@@ -36,12 +37,20 @@ from oral.io import (
     load_safetensors,
     read_json,
 )
-from oral.lora import AdapterError, LoraSpec, adapter_digest, load_adapter, save_adapter, validate_adapter, with_base
+from oral.lora import (
+    AdapterError,
+    LoraSpec,
+    adapter_digest,
+    load_adapter,
+    save_adapter,
+    validate_adapter,
+    with_base,
+)
 from oral.models import (
     EMBEDDED,
     IMAGE_BASE_UNET,
     base_id,
-    is_image_base,
+    is_unet_base,
     load_base,
     load_base_config,
     resolve,
@@ -187,7 +196,7 @@ class Generator:
                 f"{len(self.tokenizers)} layout(s), tasks {list(self.config['conditions']['tasks'])})")
 
     @classmethod
-    def from_pretrained(cls, path: str | Path | None = None, device: str = "auto") -> "Generator":
+    def from_pretrained(cls, path: str | Path | None = None, device: str = "auto") -> Generator:
         """Load GEN/config.json, GEN/model.safetensors, GEN/conditions.safetensors, GEN/tokenizers/.
 
         path: a generator dir (`oral train --out`); None: the generator shipped in the package."""
@@ -656,7 +665,7 @@ def base_fingerprint(base: str, model: torch.nn.Module | None = None) -> str | N
     """`weights_fingerprint` of `base` as `load_base` loads it (fp32): from the cache when the base is a
     local dir whose files (names, sizes, mtimes) are unchanged since it was computed, else computed from
     `model` and cached; None when it is not cached and no model is given."""
-    image = is_image_base(base)
+    image = is_unet_base(base)
     path = Path(base).expanduser().resolve() if image else Path(resolve(base))
     key = None
     if path.is_dir():  # a hub id has no local files to key on: computed every time
@@ -726,7 +735,7 @@ def generate_adapters(
         base_model = load_base(base)[0]
         fingerprint = base_fingerprint(base, base_model)
     diffusers_layout = None
-    if is_image_base(base):  # an image base: the dir also holds the file diffusers' load_lora_weights reads
+    if is_unet_base(base):  # a UNet: the dir also holds the file diffusers' load_lora_weights reads
         from oral.image.lora import save_diffusers_lora as diffusers_layout
     written = []
     for i in range(num):

@@ -8,13 +8,21 @@ import json
 import logging
 import os
 import shlex
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
 import torch
-from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM
-from transformers import PretrainedConfig, PreTrainedModel, PreTrainedTokenizerBase
+from transformers import (
+    AutoConfig,
+    AutoModelForCausalLM,
+    AutoTokenizer,
+    LlamaConfig,
+    LlamaForCausalLM,
+    PretrainedConfig,
+    PreTrainedModel,
+    PreTrainedTokenizerBase,
+)
 
 from oral.io import DamagedFileError, atomic_dir, file_lock, open_safetensors, read_json
 from oral.paths import oral_home
@@ -267,9 +275,18 @@ def is_image_base(name_or_path: str | Path) -> bool:
     return path.is_dir() and (path / IMAGE_BASE_META).is_file()
 
 
+def is_unet_base(name_or_path: str | Path) -> bool:
+    """Whether `name_or_path` is a base whose adapted model is a diffusers UNet in its `unet/` dir: an image base
+    of ours, or a diffusers pipeline dir (model_index.json + unet/, e.g. a Stable Diffusion 2.1 download)."""
+    path = Path(str(name_or_path)).expanduser()
+    return is_image_base(path) or (path.is_dir() and (path / "model_index.json").is_file()
+                                   and (path / IMAGE_BASE_UNET / "config.json").is_file())
+
+
 def load_base_config(name_or_path: str | Path) -> PretrainedConfig:
-    """The model config alone (no weights); an image base's: its UNet's diffusers config dict (`_class_name`)."""
-    if is_image_base(name_or_path):
+    """The model config alone (no weights); an image base's or a diffusers pipeline's: its UNet's diffusers
+    config dict (`_class_name`)."""
+    if is_unet_base(name_or_path):
         from diffusers import UNet2DConditionModel
 
         return dict(UNet2DConditionModel.load_config(Path(str(name_or_path)).expanduser() / IMAGE_BASE_UNET))
@@ -294,9 +311,9 @@ def load_tokenizer(name_or_path: str | Path) -> PreTrainedTokenizerBase:
 def load_base(
     name_or_path: str | Path, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu"
 ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
-    """Load (model, tokenizer); the model is in eval mode with gradients off. An image base gives
-    (its UNet, None)."""
-    if is_image_base(name_or_path):
+    """Load (model, tokenizer); the model is in eval mode with gradients off. An image base or a diffusers
+    pipeline dir gives (its UNet, None)."""
+    if is_unet_base(name_or_path):
         from diffusers import UNet2DConditionModel
 
         unet = UNet2DConditionModel.from_pretrained(Path(str(name_or_path)).expanduser() / IMAGE_BASE_UNET,
