@@ -268,27 +268,82 @@ def _export(out: Path, cfg: ImageBaseConfig, text_dim: int, weights: dict, sched
 
 
 class ImageBase:
-    """A trained image base model: its UNet, noise schedule and name encoder."""
+    """A text-to-image base model as style LoRAs see it: its UNet, noise schedule and name encoder, and the
+    space the UNet denoises in. An image base of ours (`oral images train-base`) denoises pixels; a diffusers
+    Stable Diffusion pipeline dir (model_index.json + unet/, vae/, text_encoder/, tokenizer/, scheduler/)
+    denoises its VAE's latents, the names read by its CLIP text encoder."""
 
-    def __init__(self, path: Path, meta: dict, unet, scheduler_config: dict, names: NameEncoder,
-                 device: torch.device):
+    def __init__(self, path: Path, meta: dict, unet, scheduler_config: dict, names, device: torch.device, vae=None):
         self.path, self.meta, self.unet, self.scheduler_config = path, meta, unet, scheduler_config
-        self.names, self.device = names, device
-        self.size = int(meta["size"])
+        self.names, self.device, self.vae = names, device, vae
+        self.size = int(meta["size"])  # pixels a side
+        train = meta.get("train") or {}
+        self.style: str | None = meta.get("style")  # the style set it was trained on (None: a pipeline's own)
+        self.cond_dropout = float(train.get("cond_dropout", 0.1))
+        self.prediction_type = scheduler_config.get("prediction_type", "epsilon")
+        self.channels = int(unet.config.in_channels)  # of the space the UNet denoises
+        self.model_size = int(unet.config.sample_size)  # its side
 
     @classmethod
     def from_pretrained(cls, path: str | Path, device: str = "cpu") -> ImageBase:
         from diffusers import DDIMScheduler, UNet2DConditionModel
 
         path = Path(path)
+        if (path / "model_index.json").is_file():
+            return cls._from_pipeline(path, device)
         if not (path / META_NAME).is_file():
             raise ImageBaseError(f"{path} holds no trained image base ({META_NAME} is missing); train one with "
-                                 "`oral images train-base --config configs/image-base-emoji.yaml --out DIR`")
+                                 "`oral images train-base --config configs/image-base-emoji.yaml --out DIR`, or "
+                                 "give a diffusers pipeline dir (model_index.json, unet/, vae/, text_encoder/)")
         meta = read_json(path / META_NAME, f"train it again with `oral images train-base --out {path}`")
         dev = resolve_device(device)
         unet = UNet2DConditionModel.from_pretrained(path / UNET_DIR).to(dev).eval()
         scheduler_config = dict(DDIMScheduler.load_config(path / SCHEDULER_DIR))
         return cls(path, meta, unet, scheduler_config, NameEncoder(meta["text_encoder"], meta["text_tokens"]), dev)
+
+    @classmethod
+    def _from_pipeline(cls, path: Path, device: str) -> ImageBase:
+        """A Stable Diffusion-style pipeline dir: UNet on VAE latents, CLIP text encoder and tokenizer."""
+        from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
+        from transformers import AutoTokenizer, CLIPTextModel
+
+        missing = [d for d in ("unet", "vae", "text_encoder", "tokenizer", "scheduler") if not (path / d).is_dir()]
+        if missing:
+            raise ImageBaseError(f"{path} is a diffusers pipeline without {', '.join(missing)}/; style LoRAs need a "
+                                 "text-to-image pipeline laid out like Stable Diffusion's")
+        dev = resolve_device(device)
+        unet = UNet2DConditionModel.from_pretrained(path / "unet").to(dev).eval()
+        vae = AutoencoderKL.from_pretrained(path / "vae").to(dev).eval()
+        names = PipelineNameEncoder(AutoTokenizer.from_pretrained(path / "tokenizer"),
+                                    CLIPTextModel.from_pretrained(path / "text_encoder").to(dev).eval())
+        scheduler_config = dict(DDIMScheduler.load_config(path / "scheduler"))
+        size = int(unet.config.sample_size) * 2 ** (len(vae.config.block_out_channels) - 1)
+        meta = {"format": "diffusers-pipeline", "size": size, "style": None, "text_encoder": str(path / "text_encoder")}
+        return cls(path, meta, unet, scheduler_config, names, dev, vae=vae)
+
+    def noise_scheduler(self):
+        """The training noise schedule (DDPM) of the base."""
+        from diffusers import DDPMScheduler
+
+        return DDPMScheduler.from_config(self.scheduler_config)
+
+    @torch.no_grad()
+    def encode(self, images: torch.Tensor, batch: int = 16) -> torch.Tensor:
+        """Pictures (n, 3, size, size) in [-1, 1] -> what the UNet denoises (the pictures themselves, or latents)."""
+        if self.vae is None:
+            return images
+        scale = self.vae.config.scaling_factor
+        return torch.cat([self.vae.encode(images[i:i + batch].to(self.device)).latent_dist.mean.cpu() * scale
+                          for i in range(0, len(images), batch)])
+
+    @torch.no_grad()
+    def decode(self, x: torch.Tensor, batch: int = 16) -> torch.Tensor:
+        """The inverse of `encode`: (n, 3, size, size) in [-1, 1]."""
+        if self.vae is None:
+            return x.clamp(-1, 1).cpu()
+        scale = self.vae.config.scaling_factor
+        return torch.cat([self.vae.decode(x[i:i + batch].to(self.device) / scale).sample.clamp(-1, 1).cpu()
+                          for i in range(0, len(x), batch)])
 
     @torch.no_grad()
     def sample(self, prompts: list[str], steps: int = 50, guidance: float = 3.0, seed: int = 0,
@@ -305,7 +360,8 @@ class ImageBase:
         cond = torch.cat([emb[:n], emb[n:].expand(n, -1, -1)]).to(self.device)  # (2n, L, dim)
         cmask = torch.cat([mask[:n], mask[n:].expand(n, -1)]).to(self.device)  # (2n, L)
         g = torch.Generator().manual_seed(seed)
-        x = torch.randn(n, 3, self.size, self.size, generator=g).to(self.device)
+        x = torch.randn(n, self.channels, self.model_size, self.model_size, generator=g).to(self.device)
+        x = x * sched.init_noise_sigma
         for t in sched.timesteps:
             if guidance == 1.0:  # no guidance: the conditional prediction alone, half the work
                 pred = unet(x, t, encoder_hidden_states=cond[:n], encoder_attention_mask=cmask[:n]).sample
@@ -313,7 +369,23 @@ class ImageBase:
                 c, u = unet(torch.cat([x, x]), t, encoder_hidden_states=cond, encoder_attention_mask=cmask).sample.chunk(2)
                 pred = u + guidance * (c - u)
             x = sched.step(pred, t, x).prev_sample
-        return x.clamp(-1, 1).cpu()
+        return self.decode(x)
+
+
+class PipelineNameEncoder:
+    """Names -> a pipeline's CLIP token embeddings (n, max_length, dim), padded as the pipeline pads them,
+    with an all-true mask (Stable Diffusion's UNet reads every position)."""
+
+    def __init__(self, tokenizer, text_encoder):
+        self.tokenizer, self.text_encoder = tokenizer, text_encoder
+        self.dim = text_encoder.config.hidden_size
+
+    @torch.no_grad()
+    def __call__(self, names: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        ids = self.tokenizer(names, padding="max_length", max_length=self.tokenizer.model_max_length,
+                             truncation=True, return_tensors="pt").input_ids
+        emb = self.text_encoder(ids.to(self.text_encoder.device))[0].float().cpu()  # (n, L, dim)
+        return emb, torch.ones(emb.shape[:2], dtype=torch.bool)
 
 
 def image_grid(images: torch.Tensor, labels: list[str] | None = None, columns: int = 8, scale: int = 2) -> bytes:

@@ -113,9 +113,10 @@ class Judge:
 
     @torch.no_grad()
     def predict(self, images: torch.Tensor, batch: int = 256) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """(features (N, F), style index (N,), category index (N,))."""
+        """(features (N, F), style index (N,), category index (N,)); pictures of another size are resized to
+        the judge's by area first."""
         if images.shape[-1] != self.size:
-            raise JudgeError(f"the judge reads {self.size} px pictures, got {images.shape[-1]} px")
+            images = torch.nn.functional.interpolate(images, size=(self.size, self.size), mode="area")
         outs = [self.net(images[i:i + batch]) for i in range(0, len(images), batch)]
         f, s, c = (torch.cat(parts) for parts in zip(*outs))
         return f.double(), s.argmax(-1), c.argmax(-1)

@@ -27,7 +27,7 @@ from pathlib import Path
 import torch
 from peft import LoraConfig, get_peft_model
 
-from oral.image.base import ImageBase, ImageBaseConfig, build_scheduler
+from oral.image.base import ImageBase
 from oral.image.data import load_style_set, style_set
 from oral.io import append_jsonl, atomic_dir
 from oral.lora import KEY_PREFIX, LoraSpec, load_adapter
@@ -156,8 +156,7 @@ def train_style_lora(base_dir: str | Path, style: str, rank: int = 4, seed: int 
     s = style_set(style)
     device = resolve_device(cfg.device)
     base = ImageBase.from_pretrained(base_dir, device=str(device))
-    base_cfg = ImageBaseConfig(**base.meta["train"])
-    if s.name == base_cfg.style:
+    if s.name == base.style:
         raise StyleLoraError(f"the base already draws {style}; train a LoRA for another style set")
     zoo = Zoo(out_dir)
     base_id = str(Path(base_dir).resolve())
@@ -174,19 +173,21 @@ def train_style_lora(base_dir: str | Path, style: str, rank: int = 4, seed: int 
         clean_run_dir(zoo, run_id, set(recorded))
 
         # 1) data: the style's training subjects (its held-out ones score the run), names encoded once
+        # (a pipeline's UNet denoises its VAE's latents: the pictures are encoded once)
         images, names = load_style_set(s.name, base.size, split="train", limit=cfg.limit)
         val_images, val_names = load_style_set(s.name, base.size, split="test", limit=cfg.eval_limit)
+        images, val_images = base.encode(images), base.encode(val_images)
         emb, mask = base.names(names + [""])
         null_emb, null_mask = emb[-1:], mask[-1:]
         emb, mask = emb[:-1], mask[:-1]
         val_emb, val_mask = base.names(val_names)
-        scheduler = build_scheduler(base_cfg)
+        scheduler = base.noise_scheduler()
         alpha = cfg.alpha if cfg.alpha is not None else 2.0 * rank
         common = {"run_id": run_id, "domain": "image", "base": base_id, "lineage": [],
                   "base_fingerprint": weights_fingerprint(base.unet), "task": s.name, "task_key": s.name,
                   "rank": rank, "alpha": alpha, "targets": list(cfg.targets), "seed": seed, "train": cfg.identity()}
         base_val = {"metric": "denoise-mse", "n": len(val_names),
-                    "value": denoising_loss(base.unet, scheduler, val_images, val_emb, val_mask, base_cfg.prediction_type)}
+                    "value": denoising_loss(base.unet, scheduler, val_images, val_emb, val_mask, base.prediction_type)}
 
         # 2) a fresh LoRA on the attention projections (PEFT's init, seeded); the base frozen
         torch.manual_seed(seed)
@@ -204,7 +205,7 @@ def train_style_lora(base_dir: str | Path, style: str, rank: int = 4, seed: int 
             model.train()
             rng = step_rng(seed, step)
             idx = torch.randint(0, len(images), (cfg.batch_size,), generator=rng)
-            drop = torch.rand(cfg.batch_size, generator=rng) < base_cfg.cond_dropout  # (B,)
+            drop = torch.rand(cfg.batch_size, generator=rng) < base.cond_dropout  # (B,)
             c = torch.where(drop[:, None, None], null_emb, emb[idx])  # (B, L, dim)
             m = torch.where(drop[:, None], null_mask, mask[idx])  # (B, L)
             x0 = images[idx]  # (B, 3, S, S)
@@ -212,7 +213,7 @@ def train_style_lora(base_dir: str | Path, style: str, rank: int = 4, seed: int 
             t = torch.randint(0, scheduler.config.num_train_timesteps, (cfg.batch_size,), generator=rng)
             x_t = scheduler.add_noise(x0, noise, t)
             target = {"epsilon": noise, "sample": x0,
-                      "v_prediction": scheduler.get_velocity(x0, noise, t)}[base_cfg.prediction_type]
+                      "v_prediction": scheduler.get_velocity(x0, noise, t)}[base.prediction_type]
             set_lr(opt, lr_at(step, lr=cfg.lr, warmup_steps=cfg.warmup_steps, total_steps=cfg.steps,
                               schedule=cfg.schedule, min_lr_ratio=cfg.min_lr_ratio))
             pred = model(x_t.to(device), t.to(device), encoder_hidden_states=c.to(device),
@@ -238,7 +239,7 @@ def train_style_lora(base_dir: str | Path, style: str, rank: int = 4, seed: int 
                 if step == cfg.steps:
                     model.eval()
                     record["val_metric"] = {"metric": "denoise-mse", "n": len(val_names), "value": denoising_loss(
-                        model, scheduler, val_images, val_emb, val_mask, base_cfg.prediction_type)}
+                        model, scheduler, val_images, val_emb, val_mask, base.prediction_type)}
                     record["base_val_metric"] = base_val
                     record["wall_s"] = round(time.time() - t0, 2)
                 append_jsonl(zoo.manifest, record)

@@ -1,0 +1,27 @@
+#!/usr/bin/env bash
+# Everything behind the image domain's experiment (docs/RESULTS.md, "Image domain"), in order; every
+# step skips what is done and resumes what stopped, so rerun it after an interruption.
+#   bash scripts/image_styles.sh                 # CPU (two processes train the style zoo)
+#   DEVICE=cuda bash scripts/image_styles.sh     # one GPU
+# 1) the style sets (npm; OpenMoji's SVGs are drawn once with cairosvg), a few minutes;
+# 2) the image base (configs/image-base-emoji.yaml): ~90 min on one CPU thread;
+# 3) the judge (`oral images train-judge`): ~15 min on one loaded thread;
+# 4) the style zoo (configs/zoo-styles.yaml): 10 runs, ~5 min each on one thread;
+# 5) the generator (configs/generator-styles.yaml), openmoji-color held out;
+# 6) the experiment (configs/exp-image-styles.yaml) -> docs/results/exp-image-styles.{json,md} and grids.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+. .venv/bin/activate
+DEVICE=${DEVICE:-cpu}
+HOME_DIR=${ORAL_HOME:-$HOME/.cache/oral}
+T0=$(date +%s)
+stamp() { echo "[$(( $(date +%s) - T0 )) s] $*"; }
+stamp "style sets"; oral images fetch emoji-google emoji-twitter emoji-apple emoji-facebook openmoji-color openmoji-line
+stamp "image base"; oral images train-base --config configs/image-base-emoji.yaml device="$DEVICE"
+stamp "judge";      [ -f "$HOME_DIR/image-judges/emoji-32/judge.json" ] || oral images train-judge
+stamp "style zoo";  oral zoo --config configs/zoo-styles.yaml style_train.device="$DEVICE" &
+                    oral zoo --config configs/zoo-styles.yaml style_train.device="$DEVICE"; wait
+stamp "generator";  oral train --zoo "$HOME_DIR/zoos/styles" --out "$HOME_DIR/generators/styles" \
+                        --config configs/generator-styles.yaml device="$DEVICE"
+stamp "experiment"; oral experiment image-styles --config configs/exp-image-styles.yaml
+stamp "done"
