@@ -237,6 +237,18 @@ def test_a_generated_lora_for_a_stable_diffusion_pipeline_dir_loads_with_load_lo
 
     (out,) = generate_adapters(gen_dir, str(pipe_dir), "flat pastel emoji in the Twitter style", tmp_path / "a",
                                steps=2, device="cpu")
+    # a style LoRA trains on the pipeline itself (its VAE's latents, its CLIP names) and draws through it
+    from oral.image.base import ImageBase
+    from oral.image.lora import load_style_unet
+    from oral.zoo import Zoo
+
+    kept = train_style_lora(pipe_dir, "emoji-twitter", rank=2, out_dir=tmp_path / "sd-zoo", cfg=cfg)
+    (final,) = [r for r in Zoo(tmp_path / "sd-zoo").records() if r["final"]]
+    assert final["base"] == str(pipe_dir.resolve()) and final["val_metric"]["value"] > 0
+    sd = ImageBase.from_pretrained(pipe_dir)
+    x = sd.sample(["subject 3"], steps=2, guidance=2.0, seed=0, unet=load_style_unet(sd, kept[-1]))
+    assert x.shape == (1, 3, 8, 8) and torch.isfinite(x).all()
+
     pipe = StableDiffusionPipeline.from_pretrained(pipe_dir)
     kw = dict(num_inference_steps=2, height=8, width=8, output_type="pt")
     plain = pipe("a red cat", generator=torch.Generator().manual_seed(0), **kw).images

@@ -33,7 +33,7 @@ from oral.finetune import (
     train_run,
 )
 from oral.image.lora import RunBusy, StyleLoraConfig, train_style_lora
-from oral.models import base_id, is_image_base
+from oral.models import base_id, is_unet_base
 from oral.paths import expand_path
 from oral.progress import progress_bar
 from oral.training import dist_env, get_task, resolve_device
@@ -185,8 +185,9 @@ def run_grid(cfg: ZooConfig, rank: int | None = None, world_size: int | None = N
     if waiting:
         log.warning("%d run(s) wait for evolved versions not built yet: %s", len(waiting),
                     ", ".join(sorted({w.base for w in waiting})))
-    # style LoRAs on image bases: train_style_lora skips done runs and finishes stopped ones itself
-    styles = [r for r in runs if is_image_base(expand_path(r.base))]
+    # style LoRAs on image bases (ours, or diffusers pipeline dirs): train_style_lora skips done runs and finishes
+    # stopped ones itself
+    styles = [r for r in runs if is_unet_base(expand_path(r.base))]
     runs = [r for r in runs if r not in styles]
     style_busy = 0
     for r in progress_bar(styles, desc=f"style runs [{rank}/{world_size}]", position=0):

@@ -10,6 +10,9 @@ Each kept dir also holds the adapter in the layout diffusers loads:
     unet.load_lora_adapter(dir, weight_name="pytorch_lora_weights.safetensors", prefix="unet")
 
     train_style_lora(base_dir, "emoji-twitter", rank=4, out_dir=zoo)   # `oral images train-style`
+
+The base is an image base of ours or a diffusers Stable Diffusion-style pipeline dir (`oral.image.base.ImageBase`
+reads both): on a pipeline the pictures are encoded once by its VAE and the names read by its CLIP text encoder.
 """
 
 from __future__ import annotations
