@@ -152,6 +152,7 @@ def test_the_image_styles_experiment_writes_rows_tables_and_grids_and_reuses_its
     assert len(per("emoji-apple", "base")) == 4 and len(per("emoji-apple", "generated")) == 2 * 4
     assert {r["seen"] for r in per("emoji-apple", "trained")} == {False}
     assert {r["seen"] for r in per("emoji-twitter", "generated")} == {True}
+    assert {r["from_task"] for r in per("emoji-apple", "nearest")} == {"emoji-twitter"}  # the only style it saw
     assert all(0 <= r["value"] <= 1 for r in rows if r["metric"].endswith("-acc"))
     out = tmp_path / "out"
     assert json.loads((out / "exp-image-styles.json").read_text())["rows"] == rows

@@ -1,10 +1,11 @@
 """`oral experiment image-styles --config configs/exp-image-styles.yaml`: style LoRAs on the image base,
 trained vs generated from a held-out description, judged by our stand-in for FID.
 
-For each style (a style set = the image domain's task) three methods draw the same held-out subjects
+For each style (a style set = the image domain's task) the methods draw the same held-out subjects
 from the same noise: `base` (the image base as it is), `trained` (the style zoo's final checkpoint of
-seed `zoo_seed`) and `generated` (the generator's adapter for each held-out description x sampling
-seed). Each set of pictures is judged against the style's real pictures of the held-out subjects by
+seed `zoo_seed`), `nearest` (retrieval: the trained LoRA of the generator's training style whose
+description is nearest the request's) and `generated` (the generator's adapter for each held-out
+description x sampling seed). Each set of pictures is judged against the style's real pictures of the held-out subjects by
 the judge (oral.image.judge): FID-ours and KID-ours on its features (lower is closer to the style),
 style accuracy (share of pictures the judge puts in the asked style) and subject accuracy (share
 whose subject category the judge reads right). A style the generator never trained on is marked
@@ -48,7 +49,7 @@ from oral.progress import progress_bar
 
 log = logging.getLogger(__name__)
 
-METHODS = ("base", "trained", "generated")
+METHODS = ("base", "trained", "nearest", "generated")
 MEASURES = ("fid-ours", "kid-ours", "style-acc", "subject-acc")  # lower, lower, higher, higher is better
 GRID_SUBJECTS = 10  # columns of each sample grid
 
@@ -62,7 +63,7 @@ class ImageStylesConfig:
     generator: str = "$ORAL_HOME/generators/styles"  # trained on the zoo (some styles may be held out of it)
     judge: str = "$ORAL_HOME/image-judges/emoji-32"  # `oral images train-judge`
     styles: list[str] = field(default_factory=list)  # empty: every style in the zoo
-    methods: list[str] = field(default_factory=lambda: list(METHODS))
+    methods: list[str] = field(default_factory=lambda: list(METHODS))  # nearest, generated: need the generator
     rank: int = 4  # the zoo runs used: their rank ...
     zoo_seed: int = 0  # ... and training seed
     descriptions: int = 2  # held-out descriptions per style
@@ -89,6 +90,7 @@ class Drawn:
     adapter: Path | None
     description: str | None = None
     seed: int | None = None
+    info: dict = field(default_factory=dict)  # extra row fields (the nearest's style)
 
 
 class ImageStyles:
@@ -113,7 +115,7 @@ class ImageStyles:
         self.styles = cfg.styles or sorted(self.trained)
         self.gen = None
         self.gen_tasks: list[str] = []
-        if "generated" in cfg.methods:
+        if "generated" in cfg.methods or "nearest" in cfg.methods:
             from oral.generate import Generator
 
             self.gen = Generator.from_pretrained(expand_path(cfg.generator), device="cpu")
@@ -136,6 +138,13 @@ class ImageStyles:
                 raise ExperimentError(f"no finished {style} run in {self.zoo.root} (rank {cfg.rank}, seed "
                                       f"{cfg.zoo_seed}); `oral images train-style --base {cfg.base} {style}`")
             yield Drawn("trained", self.trained[style])
+        if "nearest" in cfg.methods:
+            for description in style_set(style).heldout_descriptions[:cfg.descriptions]:
+                near = self.gen.nearest_descriptions(description, k=1)[0]
+                if near["task"] not in self.trained:
+                    raise ExperimentError(f"no finished {near['task']} run in {self.zoo.root} for nearest")
+                yield Drawn("nearest", self.trained[near["task"]], description,
+                            info={"from_task": near["task"], "similarity": round(float(near["similarity"]), 4)})
         if "generated" in cfg.methods:
             from oral.generate import generate_adapters
 
@@ -200,7 +209,8 @@ class ImageStyles:
                 for metric, value in self.scores[key].items():
                     rows.append({"base": str(self.base_dir), "version": 0, "task": style, "method": cand.method,
                                  "description": cand.description, "seed": cand.seed, "split": "test",
-                                 "seen": seen, "metric": metric, "value": round(value, 6), "n": len(subjects)})
+                                 "seen": seen, **cand.info, "metric": metric, "value": round(value, 6),
+                                 "n": len(subjects)})
             if style_set(style).free:
                 grids[style] = (shown, subjects[:GRID_SUBJECTS])
         result = {
