@@ -147,9 +147,11 @@ def test_the_image_styles_experiment_writes_rows_tables_and_grids_and_reuses_its
     result = ImageStyles(cfg).run()
     rows = result["rows"]
     assert {r["task"] for r in rows} == {"emoji-twitter", "emoji-apple"}
-    assert {r["metric"] for r in rows} == {"fid-ours", "kid-ours", "style-acc", "subject-acc"}
+    assert {r["metric"] for r in rows} == {"fid-ours", "kid-ours", "style-acc", "subject-acc", "rel-l2-to-nearest"}
+    distances = [r for r in rows if r["metric"] == "rel-l2-to-nearest"]
+    assert {r["method"] for r in distances} == {"generated"} and {r["nearest_task"] for r in distances} == {"emoji-twitter"}
     per = lambda style, method: [r for r in rows if r["task"] == style and r["method"] == method]
-    assert len(per("emoji-apple", "base")) == 4 and len(per("emoji-apple", "generated")) == 2 * 4
+    assert len(per("emoji-apple", "base")) == 4 and len(per("emoji-apple", "generated")) == 2 * 5
     assert {r["seen"] for r in per("emoji-apple", "trained")} == {False}
     assert {r["seen"] for r in per("emoji-twitter", "generated")} == {True}
     assert {r["from_task"] for r in per("emoji-apple", "nearest")} == {"emoji-twitter"}  # the only style it saw

@@ -51,6 +51,7 @@ log = logging.getLogger(__name__)
 
 METHODS = ("base", "trained", "nearest", "generated")
 MEASURES = ("fid-ours", "kid-ours", "style-acc", "subject-acc")  # lower, lower, higher, higher is better
+DISTANCE = "rel-l2-to-nearest"  # the memorization check: a generated update's distance to the nearest training adapter
 GRID_SUBJECTS = 10  # columns of each sample grid
 
 
@@ -158,6 +159,32 @@ class ImageStyles:
                                           overwrite=True)
                     yield Drawn("generated", out, description, seed)
 
+    # --- the memorization check -------------------------------------------------
+
+    def pool(self) -> list[tuple[dict, dict]]:
+        """Every kept checkpoint of the generator's training styles in the zoo (both seeds): (record, state)."""
+        from oral.lora import load_adapter
+
+        if not hasattr(self, "_pool"):
+            cfg = self.cfg
+            self._pool = [(r, load_adapter(self.zoo.root / r["path"])[1]) for r in self.zoo.all_records()
+                          if r.get("domain") == "image" and r["base"] == str(self.base_dir) and r["rank"] == cfg.rank
+                          and r["task"] in self.gen_tasks]
+        return self._pool
+
+    def distance_row(self, cand: Drawn) -> dict | None:
+        """A generated update's relative L2 distance to the nearest training checkpoint, and whose it is."""
+        from oral.gauge import update_distance
+        from oral.lora import load_adapter
+
+        pool = self.pool()
+        if cand.method != "generated" or not pool:
+            return None
+        spec, state = load_adapter(cand.adapter)
+        dist, rec = min(((update_distance(spec, state, other)["rel_l2"], r) for r, other in pool), key=lambda d: d[0])
+        return {"metric": DISTANCE, "value": round(dist, 6), "n": len(pool), "nearest_task": rec["task"],
+                "nearest_seed": rec["seed"], "nearest_step": rec["step"]}
+
     # --- drawing and judging ----------------------------------------------------
 
     def draw(self, cand: Drawn, subjects: list[str]) -> torch.Tensor:
@@ -206,11 +233,13 @@ class ImageStyles:
                     atomic_write_json(self.scores_path, self.scores)
                 if cand.method not in shown and kept.is_file():
                     shown[cand.method] = load_safetensors(kept, "remove it; it is drawn again")["pictures"]
+                row = {"base": str(self.base_dir), "version": 0, "task": style, "method": cand.method,
+                       "description": cand.description, "seed": cand.seed, "split": "test", "seen": seen, **cand.info}
                 for metric, value in self.scores[key].items():
-                    rows.append({"base": str(self.base_dir), "version": 0, "task": style, "method": cand.method,
-                                 "description": cand.description, "seed": cand.seed, "split": "test",
-                                 "seen": seen, **cand.info, "metric": metric, "value": round(value, 6),
-                                 "n": len(subjects)})
+                    rows.append({**row, "metric": metric, "value": round(value, 6), "n": len(subjects)})
+                distance = self.distance_row(cand)
+                if distance is not None:
+                    rows.append({**row, **distance})
             if style_set(style).free:
                 grids[style] = (shown, subjects[:GRID_SUBJECTS])
         result = {
@@ -249,8 +278,12 @@ def format_tables(result: dict) -> str:
     methods = [m for m in METHODS if any(r["method"] == m for r in rows)]
     seen = {r["task"]: r.get("seen") for r in rows}
     lines = []
-    for metric in MEASURES:
+    for metric in [*MEASURES, DISTANCE]:
+        if not any(r["metric"] == metric for r in rows):
+            continue
         better = "lower" if metric in ("fid-ours", "kid-ours") else "higher"
+        if metric == DISTANCE:
+            better = "memorization check: 0 = a copy of a training checkpoint"
         lines += [f"### {metric} ({better} is better)", "", "| style | " + " | ".join(methods) + " |",
                   "|---|" + "---|" * len(methods)]
         for style in styles:
@@ -266,6 +299,11 @@ def format_tables(result: dict) -> str:
             label = style + (" (held out of the generator)" if seen[style] is False else "")
             lines.append(f"| {label} | " + " | ".join(cells) + " |")
         lines.append("")
+        if metric == DISTANCE:
+            near = [r["nearest_task"] for r in rows if r["metric"] == DISTANCE]
+            counts = {t: near.count(t) for t in dict.fromkeys(near)}
+            lines += ["nearest training style of the generated adapters: "
+                      + ", ".join(f"{t} {c}" for t, c in counts.items()), ""]
         if metric == "kid-ours":
             lines += ["(kid-ours x 1000)", ""]
     return "\n".join(lines)
