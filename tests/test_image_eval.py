@@ -253,7 +253,7 @@ def test_a_generated_lora_for_a_stable_diffusion_pipeline_dir_loads_with_load_lo
     assert x.shape == (1, 3, 8, 8) and torch.isfinite(x).all()
 
     pipe = StableDiffusionPipeline.from_pretrained(pipe_dir)
-    kw = dict(num_inference_steps=2, height=8, width=8, output_type="pt")
+    kw = {"num_inference_steps": 2, "height": 8, "width": 8, "output_type": "pt"}
     plain = pipe("a red cat", generator=torch.Generator().manual_seed(0), **kw).images
     pipe.load_lora_weights(str(out))
     styled = pipe("a red cat", generator=torch.Generator().manual_seed(0), **kw).images
