@@ -211,6 +211,15 @@ class ImageStyles:
         return json.dumps([str(self.base_dir), digest, style, n, c.steps, c.guidance, c.sample_seed,
                            self.judge.meta.get("created")])
 
+    def _save_scores(self) -> None:
+        """Merge this run's measures into the cache file under a lock: processes measuring other styles
+        with the same cache keep theirs."""
+        with file_lock(self.scores_path.with_suffix(".lock")):
+            on_disk = read_json(self.scores_path, "remove it; scores are measured again") \
+                if self.scores_path.is_file() else {}
+            self.scores = {**on_disk, **self.scores}
+            atomic_write_json(self.scores_path, self.scores)
+
     # --- the run ----------------------------------------------------------------
 
     def run(self) -> dict[str, Any]:
@@ -230,7 +239,7 @@ class ImageStyles:
                     pictures = self.draw(cand, subjects)
                     atomic_write_bytes(kept, safetensors_bytes({"pictures": pictures[:GRID_SUBJECTS].contiguous()}))
                     self.scores[key] = self.measure(pictures, subjects, style, reference)
-                    atomic_write_json(self.scores_path, self.scores)
+                    self._save_scores()
                 if cand.method not in shown and kept.is_file():
                     shown[cand.method] = load_safetensors(kept, "remove it; it is drawn again")["pictures"]
                 row = {"base": str(self.base_dir), "version": 0, "task": style, "method": cand.method,
