@@ -41,6 +41,7 @@ from oral.io import (
     atomic_write_bytes,
     atomic_write_json,
     atomic_write_text,
+    file_lock,
     load_safetensors,
     read_json,
 )
