@@ -326,7 +326,7 @@ def test_grid_killed_with_sigkill_and_rerun_completes_without_duplicates(task_fi
 
     # a third run of the same grid finds nothing to do
     assert run_grid(load_config(ZooConfig, cfg)) == {"runs": 3, "skipped": 3, "trained": 0, "busy": 0,
-                                                       "waiting": 0}
+                                                       "waiting": 0, "style_runs": 0}
 
 
 def test_skip_missing_trains_the_runs_whose_base_exists_and_leaves_the_rest_waiting(task_file, tmp_path, tmp_home):
@@ -336,7 +336,7 @@ def test_skip_missing_trains_the_runs_whose_base_exists_and_leaves_the_rest_wait
     cfg = ZooConfig(out=str(tmp_path / "zoo"), grid=[block], train=FinetuneConfig(steps=2, keep=1, **FAST))
     with pytest.raises(ZooError, match="--skip-missing"):
         run_grid(cfg)
-    assert run_grid(cfg, skip_missing=True) == {"runs": 1, "skipped": 0, "trained": 1, "busy": 0, "waiting": 1}
+    assert run_grid(cfg, skip_missing=True) == {"runs": 1, "skipped": 0, "trained": 1, "busy": 0, "waiting": 1, "style_runs": 0}
     assert [r["base"] for r in Zoo(tmp_path / "zoo").records()] == ["tiny-llama"]
 
 
@@ -351,7 +351,7 @@ def test_a_run_locked_by_another_process_is_left_to_it_and_counted_as_busy(task_
     lock.parent.mkdir(parents=True)
     with open(lock, "w") as f:  # what a second `oral zoo` on the same zoo holds while training seed 1
         fcntl.flock(f.fileno(), fcntl.LOCK_EX)
-        assert run_grid(cfg) == {"runs": 2, "skipped": 0, "trained": 1, "busy": 1, "waiting": 0}
+        assert run_grid(cfg) == {"runs": 2, "skipped": 0, "trained": 1, "busy": 1, "waiting": 0, "style_runs": 0}
     assert [r["seed"] for r in Zoo(tmp_path / "zoo").records()] == [0]
     assert run_grid(cfg)["trained"] == 1  # released: the next command trains it
 
@@ -374,7 +374,7 @@ def test_the_demo_builds_its_zoo_with_one_process_per_core_and_checks_it_after(t
 
     cfg = load_config(ZooConfig, _grid_yaml(tmp_path, task_file, steps=4))
     counts = build_zoo(cfg, workers=2)
-    assert counts == {"runs": 3, "skipped": 3, "trained": 0, "busy": 0, "waiting": 0}  # the check after the workers
+    assert counts == {"runs": 3, "skipped": 3, "trained": 0, "busy": 0, "waiting": 0, "style_runs": 0}  # the check after the workers
     recs = _check_complete(tmp_path / "zoo", runs=3, keep=4)
     assert {r["seed"]: r["worker"] for r in recs} == {0: 0, 1: 1, 2: 0}
 

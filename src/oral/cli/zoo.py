@@ -155,7 +155,11 @@ def run(args) -> int:
     counts = run_grid(cfg, skip_missing=args.skip_missing)
     waiting = f", {counts['waiting']} waiting for evolved versions" if counts["waiting"] else ""
     busy = f", {counts['busy']} left to another process" if counts["busy"] else ""
-    styles = f", {counts['style_runs']} style runs trained or found done" if counts["style_runs"] else ""
-    print(f"zoo {expand_path(cfg.out)}: {counts['trained']} runs trained, {counts['skipped']} already done{busy} "
-          f"(of {counts['runs']} for this process){styles}{waiting} in {time.time() - t0:.1f} s")
+    parts = []
+    if counts["runs"] or not counts["style_runs"]:
+        parts.append(f"{counts['trained']} runs trained, {counts['skipped']} already done "
+                     f"(of {counts['runs']} for this process)")
+    if counts["style_runs"]:
+        parts.append(f"{counts['style_runs']} style runs trained or found done")
+    print(f"zoo {expand_path(cfg.out)}: {', '.join(parts)}{busy}{waiting} in {time.time() - t0:.1f} s")
     return 0
