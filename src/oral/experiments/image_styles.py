@@ -304,8 +304,7 @@ def format_tables(result: dict) -> str:
                     cells.append("")
                     continue
                 sd = statistics.stdev(v) if len(v) > 1 else 0.0
-                scale = 1000 if metric == "kid-ours" else 1
-                cells.append(f"{statistics.fmean(v) * scale:.3f}" + (f" ± {sd * scale:.3f}" if len(v) > 1 else ""))
+                cells.append(f"{statistics.fmean(v):.3f}" + (f" ± {sd:.3f}" if len(v) > 1 else ""))
             label = style + (" (held out of the generator)" if seen[style] is False else "")
             lines.append(f"| {label} | " + " | ".join(cells) + " |")
         lines.append("")
@@ -314,8 +313,6 @@ def format_tables(result: dict) -> str:
             counts = {t: near.count(t) for t in dict.fromkeys(near)}
             lines += ["nearest training style of the generated adapters: "
                       + ", ".join(f"{t} {c}" for t, c in counts.items()), ""]
-        if metric == "kid-ours":
-            lines += ["(kid-ours x 1000)", ""]
     return "\n".join(lines)
 
 
