@@ -322,7 +322,7 @@ def test_a_base_outside_the_training_versions_is_reported_and_warned_about(gen_d
     assert "outside their range" in caplog.text
 
 
-def test_training_data_can_be_restricted_to_versions_and_ranks(zoo, tmp_path):
+def test_training_data_can_be_restricted_to_versions_ranks_and_seeds(zoo, tmp_path):
     from oral.config import load_config
     from oral.train import GeneratorTrainConfig
     from oral.zoo_data import DataError, prepare_training_data
@@ -330,7 +330,9 @@ def test_training_data_can_be_restricted_to_versions_and_ranks(zoo, tmp_path):
     base = ["preset=tiny", "steps=2", "device=cpu"]
     data = prepare_training_data([zoo], tmp_path / "a", load_config(GeneratorTrainConfig, None, base + ["versions=[0]", "ranks=[4]"]))
     assert sum(len(g.tokens) for g in data.groups) == data.num_samples > 0
-    for bad in ("versions=[1]", "ranks=[8]"):
+    seeded = prepare_training_data([zoo], tmp_path / "c", load_config(GeneratorTrainConfig, None, base + ["zoo_seeds=[0]"]))
+    assert seeded.num_samples == data.num_samples  # this zoo's runs are all seed 0
+    for bad in ("versions=[1]", "ranks=[8]", "zoo_seeds=[7]"):
         with pytest.raises(DataError, match=bad.split("=")[0]):
             prepare_training_data([zoo], tmp_path / "b", load_config(GeneratorTrainConfig, None, base + [bad]))
 

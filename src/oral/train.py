@@ -50,7 +50,7 @@ log = logging.getLogger(__name__)
 GAUGES = ("raw", "canonical")
 PRECISIONS = ("fp32", "bf16")
 # Settings added since the first generator runs, with the default that reproduces the runs made before them
-LATER_SETTINGS = {"versions": [], "ranks": [], "precision": "fp32"}
+LATER_SETTINGS = {"versions": [], "ranks": [], "zoo_seeds": [], "precision": "fp32"}
 LATER_CONDITIONS = {"fingerprint_kind": "sketch", "fingerprint_reference": "", "fingerprint_bins": 8}
 CHECKPOINTS = "checkpoints"
 
@@ -88,6 +88,9 @@ class GeneratorTrainConfig:
     tasks: list[str] = field(default_factory=list)  # zoo records of these tasks only (empty: all)
     versions: list[int] = field(default_factory=list)  # ... of these base versions only (evolved links; empty: all)
     ranks: list[int] = field(default_factory=list)  # ... of these LoRA ranks only (empty: all)
+    # ... of these training seeds only (empty: all). Runs of one seed share their LoRA init across tasks; two seeds
+    # of one task can land far apart (style LoRAs: cosine 0.34-0.44 between seeds), two modes the generator blends
+    zoo_seeds: list[int] = field(default_factory=list)
     final_only: bool = False  # only the final checkpoint of each zoo run
 
     def __post_init__(self):

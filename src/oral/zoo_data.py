@@ -110,13 +110,16 @@ def _selected_records(zoos: list[str | Path], cfg: GeneratorTrainConfig) -> tupl
             recs = [r for r in recs if len(r.get("lineage") or []) in cfg.versions]
         if cfg.ranks:
             recs = [r for r in recs if r["rank"] in cfg.ranks]
+        if cfg.zoo_seeds:
+            recs = [r for r in recs if r["seed"] in cfg.zoo_seeds]
         if cfg.final_only:
             recs = [r for r in recs if r.get("final")]
         records += [(zoo, r) for r in recs]
         zoo_info.append({"path": str(zoo.root), "manifest_sha256": manifest_sha256(zoo.root), "records": len(recs)})
     if not records:
         raise DataError(f"no finished checkpoints in zoo(s) {', '.join(map(str, zoos))}"
-                        + "".join(f" for {k} {getattr(cfg, k)}" for k in ("tasks", "versions", "ranks") if getattr(cfg, k))
+                        + "".join(f" for {k} {getattr(cfg, k)}" for k in ("tasks", "versions", "ranks", "zoo_seeds")
+                                if getattr(cfg, k))
                         + "; run `oral zoo` first")
     return records, zoo_info
 
@@ -184,7 +187,7 @@ def _data_key(zoos: list[str | Path], cfg: GeneratorTrainConfig) -> dict:
         "token_size": cfg.generator_config(0, 0).token_size,
         "conditions": dataclasses.asdict(cfg.conditions),
         **{k: getattr(cfg, k) for k in ("gauge", "center", "tasks", "final_only")},
-        **{k: getattr(cfg, k) for k in ("versions", "ranks") if getattr(cfg, k)},  # absent when unset: older keys hold
+        **{k: getattr(cfg, k) for k in ("versions", "ranks", "zoo_seeds") if getattr(cfg, k)},  # absent when unset: older keys hold
     }
 
 
