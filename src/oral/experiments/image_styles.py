@@ -292,9 +292,9 @@ def format_tables(result: dict) -> str:
         if not any(r["metric"] == metric for r in rows):
             continue
         better = "lower" if metric in ("fid-ours", "kid-ours") else "higher"
-        if metric == DISTANCE:
-            better = "memorization check: 0 = a copy of a training checkpoint"
-        lines += [f"### {metric} ({better} is better)", "", "| style | " + " | ".join(methods) + " |",
+        note = (f"{better} is better" if metric != DISTANCE
+                else "the memorization check: 0 = a copy of a training checkpoint")
+        lines += [f"### {metric} ({note})", "", "| style | " + " | ".join(methods) + " |",
                   "|---|" + "---|" * len(methods)]
         for style in styles:
             cells = []
