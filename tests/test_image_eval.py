@@ -3,6 +3,7 @@ style runs in `oral zoo` grids, and the image-styles experiment end to end on ti
 
 import io
 import json
+import shutil
 import tarfile
 
 import pytest
@@ -166,6 +167,15 @@ def test_the_image_styles_experiment_writes_rows_tables_and_grids_and_reuses_its
     drawn = []
     again.draw = lambda *a, **k: drawn.append(a)
     assert again.run()["rows"] == rows and not drawn
+
+    # a generator trained again in the same dir is another generator: its adapters are not the cached ones
+    shutil.rmtree(gen_dir)
+    train_generator([tmp_path / "zoo"], gen_dir, load_config(GeneratorTrainConfig, "configs/generator-tiny.yaml",
+                    ["steps=4", "save_every=4", "device=cpu", "tasks=[emoji-twitter]", "seed=1"]))
+    retrained = ImageStyles(cfg)
+    assert retrained.gen_digest != again.gen_digest
+    assert [d.adapter for d in retrained.candidates("emoji-twitter") if d.method == "generated"] != \
+        [d.adapter for d in again.candidates("emoji-twitter") if d.method == "generated"]
 
 
 def test_oral_models_lists_built_image_bases_or_says_how_to_build_one(style_home, tmp_path):

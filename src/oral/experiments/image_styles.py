@@ -118,9 +118,11 @@ class ImageStyles:
         self.gen = None
         self.gen_tasks: list[str] = []
         if "generated" in cfg.methods or "nearest" in cfg.methods:
-            from oral.generate import Generator
+            from oral.generate import WEIGHTS_NAME, Generator
 
             self.gen = Generator.from_pretrained(expand_path(cfg.generator), device="cpu")
+            # what its adapters are cached by: the weights, not the dir (a generator retrained in place is another)
+            self.gen_digest = hashlib.sha256((self.gen.path / WEIGHTS_NAME).read_bytes()).hexdigest()[:16]
             self.gen_tasks = sorted(self.gen.config["conditions"]["tasks"])
         self.cache_dir = Path(expand_path(cfg.cache)) / "image-styles"
         self.scores_path = self.cache_dir / "scores.json"
@@ -152,7 +154,7 @@ class ImageStyles:
 
             for description in style_set(style).heldout_descriptions[:cfg.descriptions]:
                 for seed in cfg.seeds:
-                    key = hashlib.sha256(json.dumps([str(self.gen.path), str(self.base_dir), description, seed,
+                    key = hashlib.sha256(json.dumps([self.gen_digest, str(self.base_dir), description, seed,
                                                      cfg.gen_steps]).encode()).hexdigest()[:16]
                     out = self.cache_dir / "adapters" / key
                     if not (out / "adapter_config.json").is_file():
