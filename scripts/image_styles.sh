@@ -5,10 +5,11 @@
 #   DEVICE=cuda bash scripts/image_styles.sh     # one GPU
 # 1) the style sets (npm; OpenMoji's SVGs are drawn once with cairosvg), a few minutes;
 # 2) the image base (configs/image-base-emoji.yaml): ~90 min on one CPU thread;
-# 3) the judge (`oral images train-judge`): ~15 min on one loaded thread;
-# 4) the style zoo (configs/zoo-styles.yaml): 10 runs, ~5 min each on one thread;
-# 5) the generator (configs/generator-styles.yaml), openmoji-color held out;
-# 6) the experiment (configs/exp-image-styles.yaml) -> docs/results/exp-image-styles.{json,md} and grids.
+# 3) the judge (`oral images train-judge`): ~20 min on one loaded thread;
+# 4) the style zoo (configs/zoo-styles.yaml): 10 runs, 5-11 min each on one loaded thread;
+# 5) the generator (configs/generator-styles.yaml), openmoji-color held out: ~8 min;
+# 6) the experiment (configs/exp-image-styles.yaml) -> docs/results/exp-image-styles.{json,md} and grids:
+#    ~35 min in one process (draws of 128 pictures, ~40 s each on one thread).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 . .venv/bin/activate
