@@ -165,14 +165,16 @@ class ImageStyles:
     # --- the memorization check -------------------------------------------------
 
     def pool(self) -> list[tuple[dict, dict]]:
-        """Every kept checkpoint of the generator's training styles in the zoo (both seeds): (record, state)."""
+        """Every kept checkpoint the generator learned from (its training styles, and its zoo seeds when it
+        was given some): (record, state)."""
         from oral.lora import load_adapter
 
         if not hasattr(self, "_pool"):
-            cfg = self.cfg
+            seeds = (self.gen.config.get("train") or {}).get("zoo_seeds") or []
             self._pool = [(r, load_adapter(self.zoo.root / r["path"])[1]) for r in self.zoo.all_records()
-                          if r.get("domain") == "image" and r["base"] == str(self.base_dir) and r["rank"] == cfg.rank
-                          and r["task"] in self.gen_tasks]
+                          if r.get("domain") == "image" and r["base"] == str(self.base_dir)
+                          and r["rank"] == self.cfg.rank and r["task"] in self.gen_tasks
+                          and (not seeds or r["seed"] in seeds)]
         return self._pool
 
     def distance_row(self, cand: Drawn) -> dict | None:
