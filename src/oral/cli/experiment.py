@@ -39,5 +39,6 @@ def run(args) -> int:
         result = run_experiment(name, cfg)
         print(format_table(result))
     out = expand_path(cfg.out)
-    print(f"{len(result['rows'])} rows in {result['wall_s']:.0f} s; written {out}/exp-{name}.json, .md, .png")
+    pictures = f"exp-{name}-STYLE.png grids" if name.startswith("image-") else ".png"
+    print(f"{len(result['rows'])} rows in {result['wall_s']:.0f} s; written {out}/exp-{name}.json, .md, {pictures}")
     return 0
