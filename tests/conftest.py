@@ -58,3 +58,30 @@ def tiny_generator_dir(tiny_zoo, tmp_path_factory) -> Path:
         return train_generator([tiny_zoo], out, cfg)
     finally:
         torch.set_num_threads(threads)
+
+
+# A tiny image base config (8 px, two UNet levels): the image tests' model
+TINY_IMAGE_BASE = {"size": 8, "channels": [8, 16], "norm_groups": 8, "head_dim": 4, "text_tokens": 6, "batch_size": 4,
+                   "warmup_steps": 2, "log_every": 1, "sample_steps": 3, "device": "cpu"}
+
+
+@pytest.fixture()
+def tiny_style_stack(tmp_path):
+    """A builder, on the style sets of the $ORAL_HOME the test set up: a tiny image base, a style zoo of
+    emoji-twitter and emoji-apple (rank 2, 3 steps) and a tiny generator trained on it (`generator`:
+    key=value overrides). Returns (base_dir, zoo_dir, gen_dir)."""
+    def build(generator: tuple[str, ...] = ()) -> tuple[Path, Path, Path]:
+        from oral.config import load_config
+        from oral.image.base import ImageBaseConfig, train_image_base
+        from oral.image.lora import StyleLoraConfig, train_style_lora
+        from oral.train import GeneratorTrainConfig, train_generator
+
+        base_dir = train_image_base(tmp_path / "base", ImageBaseConfig(**TINY_IMAGE_BASE, steps=2, save_every=2))
+        cfg = StyleLoraConfig(steps=3, keep=3, batch_size=4, warmup_steps=1, checkpoint_every=0, eval_limit=4,
+                              device="cpu")
+        for style in ("emoji-twitter", "emoji-apple"):
+            train_style_lora(base_dir, style, rank=2, out_dir=tmp_path / "zoo", cfg=cfg)
+        gcfg = load_config(GeneratorTrainConfig, "configs/generator-tiny.yaml",
+                           ["steps=4", "save_every=4", "device=cpu", *generator])
+        return base_dir, tmp_path / "zoo", train_generator([tmp_path / "zoo"], tmp_path / "gen", gcfg)
+    return build

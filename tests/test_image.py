@@ -4,6 +4,7 @@ import json
 
 import pytest
 import torch
+from conftest import TINY_IMAGE_BASE
 
 
 def _fake_style_set(home, name: str, folder: str, flag: str, shade: int) -> None:
@@ -32,8 +33,7 @@ def style_home(tmp_path, monkeypatch):
     return tmp_path / "home"
 
 
-TINY = {"size": 8, "channels": [8, 16], "norm_groups": 8, "head_dim": 4, "text_tokens": 6, "batch_size": 4,
-        "warmup_steps": 2, "log_every": 1, "sample_steps": 3, "device": "cpu"}
+TINY = TINY_IMAGE_BASE
 
 
 def test_a_style_set_reads_named_pictures_on_white_and_holds_test_subjects_out_of_training(style_home):
@@ -139,27 +139,16 @@ def test_a_style_lora_trains_into_a_zoo_resumes_and_loads_the_same_through_peft_
     assert torch.allclose(ours, peft, atol=1e-6) and not torch.allclose(ours, plain, atol=1e-4)
 
 
-def test_the_generator_learns_style_loras_by_the_language_code_path_and_writes_what_diffusers_loads(style_home, tmp_path):
+def test_the_generator_learns_style_loras_by_the_language_code_path_and_writes_what_diffusers_loads(
+        style_home, tmp_path, tiny_style_stack):
     """A style zoo -> `oral train` -> `oral generate --base IMAGE_BASE`: the same conditions, tokens and
     generator as for language models; the written dir is a PEFT adapter and diffusers' LoRA file."""
-    from oral.config import load_config
     from oral.generate import Generator, generate_adapters
-    from oral.image.base import ImageBase, ImageBaseConfig, train_image_base
-    from oral.image.lora import (
-        DIFFUSERS_WEIGHTS,
-        StyleLoraConfig,
-        load_style_unet,
-        train_style_lora,
-    )
+    from oral.image.base import ImageBase
+    from oral.image.lora import DIFFUSERS_WEIGHTS, load_style_unet
     from oral.lora import load_adapter
-    from oral.train import GeneratorTrainConfig, train_generator
 
-    base_dir = train_image_base(tmp_path / "base", ImageBaseConfig(**TINY, steps=2, save_every=2))
-    cfg = StyleLoraConfig(steps=3, keep=3, batch_size=4, warmup_steps=1, checkpoint_every=0, eval_limit=4, device="cpu")
-    for style in ("emoji-twitter", "emoji-apple"):
-        train_style_lora(base_dir, style, rank=2, out_dir=tmp_path / "zoo", cfg=cfg)
-    gcfg = load_config(GeneratorTrainConfig, "configs/generator-tiny.yaml", ["steps=4", "save_every=4", "device=cpu"])
-    gen_dir = train_generator([tmp_path / "zoo"], tmp_path / "gen", gcfg)
+    base_dir, _, gen_dir = tiny_style_stack()
     gen = Generator.from_pretrained(gen_dir, device="cpu")
     assert sorted(gen.config["conditions"]["tasks"]) == ["emoji-apple", "emoji-twitter"]
     assert gen.config["conditions"]["bases"][0]["metadata"].startswith("UNet2DConditionModel (diffusers)")

@@ -8,9 +8,9 @@ import tarfile
 
 import pytest
 import torch
+from conftest import TINY_IMAGE_BASE
 
-TINY = {"size": 8, "channels": [8, 16], "norm_groups": 8, "head_dim": 4, "text_tokens": 6, "batch_size": 4,
-        "warmup_steps": 2, "log_every": 1, "sample_steps": 3, "device": "cpu"}
+TINY = TINY_IMAGE_BASE
 
 
 def _fake_style_set(home, name: str, folder: str, flag: str, shade: int, n: int = 40) -> None:
@@ -119,7 +119,8 @@ def test_a_zoo_grid_on_an_image_base_trains_style_runs(style_home, tmp_path):
     assert {(r["domain"], r["task"], r["rank"]) for r in finals} == {("image", "emoji-twitter", 2)}
 
 
-def test_the_image_styles_experiment_writes_rows_tables_and_grids_and_reuses_its_cache(style_home, tmp_path):
+def test_the_image_styles_experiment_writes_rows_tables_and_grids_and_reuses_its_cache(style_home, tmp_path,
+                                                                                     tiny_style_stack):
     """Tiny base, a two-style zoo, a generator that saw one style, a judge: base / trained / generated rows
     for every measure, the unseen style marked, a grid for the free style only; a rerun draws nothing."""
     from oral.config import load_config
@@ -128,21 +129,13 @@ def test_the_image_styles_experiment_writes_rows_tables_and_grids_and_reuses_its
         ImageStylesConfig,
         format_tables,
     )
-    from oral.image.base import ImageBaseConfig, train_image_base
     from oral.image.judge import JudgeConfig, train_judge
-    from oral.image.lora import StyleLoraConfig, train_style_lora
     from oral.train import GeneratorTrainConfig, train_generator
 
-    base_dir = train_image_base(tmp_path / "base", ImageBaseConfig(**TINY, steps=2, save_every=2))
-    scfg = StyleLoraConfig(steps=3, keep=2, batch_size=4, warmup_steps=1, checkpoint_every=0, eval_limit=4, device="cpu")
-    for style in ("emoji-twitter", "emoji-apple"):
-        train_style_lora(base_dir, style, rank=2, out_dir=tmp_path / "zoo", cfg=scfg)
-    gcfg = load_config(GeneratorTrainConfig, "configs/generator-tiny.yaml",
-                       ["steps=4", "save_every=4", "device=cpu", "tasks=[emoji-twitter]"])
-    gen_dir = train_generator([tmp_path / "zoo"], tmp_path / "gen", gcfg)
+    base_dir, zoo_dir, gen_dir = tiny_style_stack(("tasks=[emoji-twitter]",))
     train_judge(tmp_path / "judge", JudgeConfig(styles=["emoji-google", "emoji-twitter", "emoji-apple"], size=8,
                                                 width=8, features=8, steps=5, batch_size=8))
-    cfg = ImageStylesConfig(base=str(base_dir), zoo=str(tmp_path / "zoo"), generator=str(gen_dir),
+    cfg = ImageStylesConfig(base=str(base_dir), zoo=str(zoo_dir), generator=str(gen_dir),
                             judge=str(tmp_path / "judge"), rank=2, descriptions=1, seeds=[0, 1], gen_steps=2,
                             subjects=4, steps=2, out=str(tmp_path / "out"), cache=str(tmp_path / "cache"))
     result = ImageStyles(cfg).run()
@@ -170,7 +163,7 @@ def test_the_image_styles_experiment_writes_rows_tables_and_grids_and_reuses_its
 
     # a generator trained again in the same dir is another generator: its adapters are not the cached ones
     shutil.rmtree(gen_dir)
-    train_generator([tmp_path / "zoo"], gen_dir, load_config(GeneratorTrainConfig, "configs/generator-tiny.yaml",
+    train_generator([zoo_dir], gen_dir, load_config(GeneratorTrainConfig, "configs/generator-tiny.yaml",
                     ["steps=4", "save_every=4", "device=cpu", "tasks=[emoji-twitter]", "seed=1"]))
     retrained = ImageStyles(cfg)
     assert retrained.gen_digest != again.gen_digest
@@ -225,28 +218,23 @@ def _tiny_sd_pipeline(out, unet_config: dict):
     return out / "pipe"
 
 
-def test_a_generated_lora_for_a_stable_diffusion_pipeline_dir_loads_with_load_lora_weights(style_home, tmp_path):
+def test_a_generated_lora_for_a_stable_diffusion_pipeline_dir_loads_with_load_lora_weights(style_home, tmp_path,
+                                                                                        tiny_style_stack):
     """A diffusers pipeline dir is a base: its UNet's layout comes from unet/config.json, and the written dir
     holds the file `StableDiffusionPipeline.load_lora_weights` reads; the pipeline then draws otherwise.
     (A generator writes LoRAs for the UNet layouts of its zoo: this pipeline's UNet has the tiny image base's
     layout, on 4 latent channels; Stable Diffusion 2.1 itself needs a zoo on its UNet.)"""
     from diffusers import StableDiffusionPipeline
 
-    from oral.config import load_config
     from oral.generate import generate_adapters
-    from oral.image.base import ImageBaseConfig, train_image_base
     from oral.image.lora import StyleLoraConfig, train_style_lora
     from oral.models import is_image_base, is_unet_base, load_base_config
-    from oral.train import GeneratorTrainConfig, train_generator
 
-    base_dir = train_image_base(tmp_path / "base", ImageBaseConfig(**TINY, steps=2, save_every=2))
+    base_dir, _, gen_dir = tiny_style_stack()
     pipe_dir = _tiny_sd_pipeline(tmp_path / "sd", load_base_config(base_dir))
     assert is_unet_base(pipe_dir) and not is_image_base(pipe_dir)
     assert load_base_config(pipe_dir)["_class_name"] == "UNet2DConditionModel"
     cfg = StyleLoraConfig(steps=3, keep=3, batch_size=4, warmup_steps=1, checkpoint_every=0, eval_limit=4, device="cpu")
-    train_style_lora(base_dir, "emoji-twitter", rank=2, out_dir=tmp_path / "zoo", cfg=cfg)
-    gcfg = load_config(GeneratorTrainConfig, "configs/generator-tiny.yaml", ["steps=4", "save_every=4", "device=cpu"])
-    gen_dir = train_generator([tmp_path / "zoo"], tmp_path / "gen", gcfg)
 
     (out,) = generate_adapters(gen_dir, str(pipe_dir), "flat pastel emoji in the Twitter style", tmp_path / "a",
                                steps=2, device="cpu")
