@@ -75,6 +75,7 @@ class ImageStylesConfig:
     steps: int = 25  # DDIM steps of the image base
     guidance: float = 1.0  # the image base's classifier-free guidance
     sample_seed: int = 0
+    device: str = "auto"  # where the image base draws (cuda when there is one)
     out: str = "docs/results"
     cache: str = "$ORAL_HOME/experiments"
 
@@ -105,7 +106,7 @@ class ImageStyles:
 
         self.cfg, self.name = cfg, name
         self.base_dir = Path(expand_path(cfg.base)).resolve()
-        self.base = ImageBase.from_pretrained(self.base_dir)
+        self.base = ImageBase.from_pretrained(self.base_dir, device=cfg.device)
         self.judge = Judge.from_pretrained(expand_path(cfg.judge))
         self.zoo = Zoo(cfg.zoo)
         records = [r for r in self.zoo.all_records() if r.get("domain") == "image" and r.get("final")
