@@ -60,6 +60,28 @@ def tiny_generator_dir(tiny_zoo, tmp_path_factory) -> Path:
         torch.set_num_threads(threads)
 
 
+def write_fake_style_set(home: Path, name: str, folder: str, flag: str, shade: int, n: int = 24,
+                         colour=lambda i, shade: (10 * i, 255 - 10 * i, shade)) -> None:
+    """A fetched style set under home/images/NAME: n subjects ("SUBJECT i", code point 1F600 + i, category by
+    the parity of i) drawn as 4x4 squares of `colour(i, shade)` with one transparent corner, and one index
+    entry without a picture."""
+    import json
+
+    from PIL import Image
+
+    root = home / "images" / name
+    (root / folder).mkdir(parents=True)
+    entries = []
+    for i in range(n):
+        im = Image.new("RGBA", (4, 4), (*colour(i, shade), 255))
+        im.putpixel((0, 0), (0, 0, 0, 0))
+        im.save(root / folder / f"{i:04x}.png")
+        entries.append({"name": f"SUBJECT {i}", "unified": f"{0x1F600 + i:X}", "image": f"{i:04x}.png", flag: True,
+                        "sort_order": i, "category": ["Smileys & Emotion", "Animals & Nature"][i % 2]})
+    entries.append({"name": "NO PICTURE", "image": "ffff.png", flag: False, "sort_order": 99})
+    (root / "emoji.json").write_text(json.dumps(entries))
+
+
 # A tiny image base config (8 px, two UNet levels): the image tests' model
 TINY_IMAGE_BASE = {"size": 8, "channels": [8, 16], "norm_groups": 8, "head_dim": 4, "text_tokens": 6, "batch_size": 4,
                    "warmup_steps": 2, "log_every": 1, "sample_steps": 3, "device": "cpu"}

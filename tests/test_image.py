@@ -1,35 +1,16 @@
 """The image domain: style sets read from a fetched package, and the image base model (train, resume, sample)."""
 
-import json
-
 import pytest
 import torch
-from conftest import TINY_IMAGE_BASE
-
-
-def _fake_style_set(home, name: str, folder: str, flag: str, shade: int) -> None:
-    """A fetched style set of 24 subjects: 4x4 coloured squares with one transparent corner."""
-    from PIL import Image
-
-    root = home / "images" / name
-    (root / folder).mkdir(parents=True)
-    entries = []
-    for i in range(24):
-        im = Image.new("RGBA", (4, 4), (10 * i, 255 - 10 * i, shade, 255))
-        im.putpixel((0, 0), (0, 0, 0, 0))
-        im.save(root / folder / f"{i:04x}.png")
-        entries.append({"name": f"SUBJECT {i}", "image": f"{i:04x}.png", flag: True, "sort_order": i})
-    entries.append({"name": "NO PICTURE", "image": "ffff.png", flag: False, "sort_order": 99})
-    (root / "emoji.json").write_text(json.dumps(entries))
+from conftest import TINY_IMAGE_BASE, write_fake_style_set
 
 
 @pytest.fixture
 def style_home(tmp_path, monkeypatch):
     """$ORAL_HOME with fetched emoji-google and emoji-twitter sets (the same 24 subjects, other colours)."""
     monkeypatch.setenv("ORAL_HOME", str(tmp_path / "home"))
-    _fake_style_set(tmp_path / "home", "emoji-google", "img/google/64", "has_img_google", 128)
-    _fake_style_set(tmp_path / "home", "emoji-twitter", "img/twitter/64", "has_img_twitter", 0)
-    _fake_style_set(tmp_path / "home", "emoji-apple", "img/apple/64", "has_img_apple", 255)
+    for name, shade in (("google", 128), ("twitter", 0), ("apple", 255)):
+        write_fake_style_set(tmp_path / "home", f"emoji-{name}", f"img/{name}/64", f"has_img_{name}", shade)
     return tmp_path / "home"
 
 

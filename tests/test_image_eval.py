@@ -8,32 +8,18 @@ import tarfile
 
 import pytest
 import torch
-from conftest import TINY_IMAGE_BASE
+from conftest import TINY_IMAGE_BASE, write_fake_style_set
 
 TINY = TINY_IMAGE_BASE
 
 
-def _fake_style_set(home, name: str, folder: str, flag: str, shade: int, n: int = 40) -> None:
-    """A fetched style set of n subjects in two categories: 4x4 squares whose blue channel is the style."""
-    from PIL import Image
-
-    root = home / "images" / name
-    (root / folder).mkdir(parents=True)
-    entries = []
-    for i in range(n):
-        im = Image.new("RGBA", (4, 4), (200 * (i % 2), 6 * i, shade, 255))
-        im.save(root / folder / f"{i:04x}.png")
-        entries.append({"name": f"SUBJECT {i}", "unified": f"{0x1F600 + i:X}", "image": f"{i:04x}.png", flag: True,
-                        "sort_order": i, "category": ["Smileys & Emotion", "Animals & Nature"][i % 2]})
-    (root / "emoji.json").write_text(json.dumps(entries))
-
-
 @pytest.fixture
 def style_home(tmp_path, monkeypatch):
+    """$ORAL_HOME with three fetched sets of 40 subjects: the blue channel is the style, the red the category."""
     monkeypatch.setenv("ORAL_HOME", str(tmp_path / "home"))
-    _fake_style_set(tmp_path / "home", "emoji-google", "img/google/64", "has_img_google", 128)
-    _fake_style_set(tmp_path / "home", "emoji-twitter", "img/twitter/64", "has_img_twitter", 0)
-    _fake_style_set(tmp_path / "home", "emoji-apple", "img/apple/64", "has_img_apple", 255)
+    for name, shade in (("google", 128), ("twitter", 0), ("apple", 255)):
+        write_fake_style_set(tmp_path / "home", f"emoji-{name}", f"img/{name}/64", f"has_img_{name}", shade, n=40,
+                             colour=lambda i, shade: (200 * (i % 2), 6 * i, shade))
     return tmp_path / "home"
 
 
