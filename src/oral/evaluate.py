@@ -305,10 +305,10 @@ class ScoreCache:
     def _read(self) -> dict[str, dict]:
         return read_json(self.path, f"delete {self.path}; scores are measured again") if self.path.is_file() else {}
 
-    def __contains__(self, key: dict) -> bool:
+    def __contains__(self, key: dict | list) -> bool:
         return json.dumps(key, sort_keys=True) in self.scores
 
-    def get(self, key: dict, measure: Callable[[], dict]) -> dict:
+    def get(self, key: dict | list, measure: Callable[[], dict]) -> dict:
         k = json.dumps(key, sort_keys=True)
         if k not in self.scores:
             value = measure()

@@ -275,12 +275,17 @@ def is_image_base(name_or_path: str | Path) -> bool:
     return path.is_dir() and (path / IMAGE_BASE_META).is_file()
 
 
+def is_diffusers_pipeline(name_or_path: str | Path) -> bool:
+    """Whether `name_or_path` is a diffusers pipeline dir with a UNet (model_index.json + unet/, e.g. a Stable
+    Diffusion 2.1 download)."""
+    path = Path(str(name_or_path)).expanduser()
+    return (path / "model_index.json").is_file() and (path / IMAGE_BASE_UNET / "config.json").is_file()
+
+
 def is_unet_base(name_or_path: str | Path) -> bool:
     """Whether `name_or_path` is a base whose adapted model is a diffusers UNet in its `unet/` dir: an image base
-    of ours, or a diffusers pipeline dir (model_index.json + unet/, e.g. a Stable Diffusion 2.1 download)."""
-    path = Path(str(name_or_path)).expanduser()
-    return is_image_base(path) or (path.is_dir() and (path / "model_index.json").is_file()
-                                   and (path / IMAGE_BASE_UNET / "config.json").is_file())
+    of ours or a diffusers pipeline dir."""
+    return is_image_base(name_or_path) or is_diffusers_pipeline(name_or_path)
 
 
 def load_base_config(name_or_path: str | Path) -> PretrainedConfig:

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import dataclasses
 import datetime as dt
+import functools
 import hashlib
 import json
 import logging
@@ -36,14 +37,14 @@ from typing import Any
 import torch
 from safetensors.torch import save as safetensors_bytes
 
+from oral.evaluate import ScoreCache
 from oral.experiments.compare import ExperimentError
+from oral.experiments.runner import DISTANCES
 from oral.io import (
     atomic_write_bytes,
     atomic_write_json,
     atomic_write_text,
-    file_lock,
     load_safetensors,
-    read_json,
 )
 from oral.paths import expand_path
 from oral.progress import progress_bar
@@ -52,7 +53,7 @@ log = logging.getLogger(__name__)
 
 METHODS = ("base", "trained", "nearest", "generated")
 MEASURES = ("fid-ours", "kid-ours", "style-acc", "subject-acc")  # lower, lower, higher, higher is better
-DISTANCE = "rel-l2-to-nearest"  # the memorization check: a generated update's distance to the nearest training adapter
+DISTANCE = DISTANCES[0]  # the memorization check: a generated update's distance to the nearest training adapter
 GRID_SUBJECTS = 10  # columns of each sample grid
 
 
@@ -126,9 +127,7 @@ class ImageStyles:
             self.gen_digest = hashlib.sha256((self.gen.path / WEIGHTS_NAME).read_bytes()).hexdigest()[:16]
             self.gen_tasks = sorted(self.gen.config["conditions"]["tasks"])
         self.cache_dir = Path(expand_path(cfg.cache)) / "image-styles"
-        self.scores_path = self.cache_dir / "scores.json"
-        self.scores: dict[str, dict] = read_json(self.scores_path, "remove it; scores are measured again") \
-            if self.scores_path.is_file() else {}
+        self.scores = ScoreCache(self.cache_dir / "scores.json")  # shared safely by processes (one style each)
 
     # --- candidates -------------------------------------------------------------
 
@@ -209,22 +208,20 @@ class ImageStyles:
                 "style-acc": float((style_pred == self.judge.style_index(style)).float().mean()),
                 "subject-acc": float((cat_pred == cats).float().mean())}
 
-    def _score_key(self, cand: Drawn, style: str, n: int) -> str:
+    def _score_key(self, cand: Drawn, style: str, n: int) -> list:
+        """What a set of pictures and its measures depend on: base, adapter bytes, style, sampling, judge."""
         from oral.lora import adapter_digest, load_adapter
 
         digest = adapter_digest(load_adapter(cand.adapter)[1]) if cand.adapter is not None else "none"
         c = self.cfg
-        return json.dumps([str(self.base_dir), digest, style, n, c.steps, c.guidance, c.sample_seed,
-                           self.judge.meta.get("created")])
+        return [str(self.base_dir), digest, style, n, c.steps, c.guidance, c.sample_seed, self.judge.meta.get("created")]
 
-    def _save_scores(self) -> None:
-        """Merge this run's measures into the cache file under a lock: processes measuring other styles
-        with the same cache keep theirs."""
-        with file_lock(self.scores_path.with_suffix(".lock")):
-            on_disk = read_json(self.scores_path, "remove it; scores are measured again") \
-                if self.scores_path.is_file() else {}
-            self.scores = {**on_disk, **self.scores}
-            atomic_write_json(self.scores_path, self.scores)
+    def _draw_and_measure(self, cand: Drawn, subjects: list[str], style: str, reference: torch.Tensor,
+                          kept: Path) -> dict:
+        """Draw the candidate's pictures, keep the first ones for the grid, judge them all."""
+        pictures = self.draw(cand, subjects)
+        atomic_write_bytes(kept, safetensors_bytes({"pictures": pictures[:GRID_SUBJECTS].contiguous()}))
+        return self.measure(pictures, subjects, style, reference)
 
     # --- the run ----------------------------------------------------------------
 
@@ -240,17 +237,14 @@ class ImageStyles:
             shown = {"real": real[:GRID_SUBJECTS]}
             for cand in self.candidates(style):
                 key = self._score_key(cand, style, len(subjects))
-                kept = self.cache_dir / "pictures" / f"{hashlib.sha256(key.encode()).hexdigest()[:16]}.safetensors"
-                if key not in self.scores:
-                    pictures = self.draw(cand, subjects)
-                    atomic_write_bytes(kept, safetensors_bytes({"pictures": pictures[:GRID_SUBJECTS].contiguous()}))
-                    self.scores[key] = self.measure(pictures, subjects, style, reference)
-                    self._save_scores()
+                kept = self.cache_dir / "pictures" / f"{hashlib.sha256(json.dumps(key).encode()).hexdigest()[:16]}.safetensors"
+                measures = self.scores.get(key, functools.partial(self._draw_and_measure, cand, subjects, style,
+                                                                  reference, kept))
                 if cand.method not in shown and kept.is_file():
                     shown[cand.method] = load_safetensors(kept, "remove it; it is drawn again")["pictures"]
                 row = {"base": str(self.base_dir), "version": 0, "task": style, "method": cand.method,
                        "description": cand.description, "seed": cand.seed, "split": "test", "seen": seen, **cand.info}
-                for metric, value in self.scores[key].items():
+                for metric, value in measures.items():
                     rows.append({**row, "metric": metric, "value": round(value, 6), "n": len(subjects)})
                 distance = self.distance_row(cand)
                 if distance is not None:

@@ -37,7 +37,12 @@ from oral.io import (
     read_json,
     remove_debris,
 )
-from oral.models import IMAGE_BASE_META, IMAGE_BASE_UNET, is_image_base
+from oral.models import (
+    IMAGE_BASE_META,
+    IMAGE_BASE_UNET,
+    is_diffusers_pipeline,
+    is_image_base,
+)
 from oral.paths import oral_home
 from oral.progress import progress_bar
 from oral.training import (
@@ -289,7 +294,7 @@ class ImageBase:
         from diffusers import DDIMScheduler, UNet2DConditionModel
 
         path = Path(path)
-        if (path / "model_index.json").is_file():
+        if is_diffusers_pipeline(path):
             return cls._from_pipeline(path, device)
         if not (path / META_NAME).is_file():
             raise ImageBaseError(f"{path} holds no trained image base ({META_NAME} is missing); train one with "

@@ -158,9 +158,6 @@ def train_style_lora(base_dir: str | Path, style: str, rank: int = 4, seed: int 
     cfg = cfg or StyleLoraConfig()
     s = style_set(style)
     device = resolve_device(cfg.device)
-    base = ImageBase.from_pretrained(base_dir, device=str(device))
-    if s.name == base.style:
-        raise StyleLoraError(f"the base already draws {style}; train a LoRA for another style set")
     zoo = Zoo(out_dir)
     base_id = str(Path(base_dir).resolve())
     run_id = run_id_for(base_id, s.name, rank, seed, cfg)
@@ -173,6 +170,9 @@ def train_style_lora(base_dir: str | Path, style: str, rank: int = 4, seed: int 
         recorded = {r["step"]: r for r in zoo.all_records() if r["run_id"] == run_id}
         if any(r.get("final") for r in recorded.values()):
             return kept
+        base = ImageBase.from_pretrained(base_dir, device=str(device))  # only for a run to train: a grid skips done ones fast
+        if s.name == base.style:
+            raise StyleLoraError(f"the base already draws {style}; train a LoRA for another style set")
         clean_run_dir(zoo, run_id, set(recorded))
 
         # 1) data: the style's training subjects (its held-out ones score the run), names encoded once
