@@ -52,6 +52,25 @@ def test_a_bad_image_base_config_is_refused_with_the_rule():
         ImageBaseConfig(channels=[16, 24], norm_groups=16)
 
 
+def test_min_snr_weighting_keeps_the_noisy_steps_and_damps_the_clean_ones():
+    from oral.image.base import ImageBaseConfig, ImageBaseError, build_scheduler, denoising_loss
+
+    sched = build_scheduler(ImageBaseConfig())
+    snr = sched.alphas_cumprod / (1 - sched.alphas_cumprod)  # (1000,)
+    clean, noisy = int((snr > 100).nonzero().max()), int((snr < 1).nonzero().min())  # SNR far above / below gamma
+    pred, target = torch.zeros(2, 3, 4, 4), torch.ones(2, 3, 4, 4)  # squared error 1 everywhere
+    t = torch.tensor([clean, noisy])
+    assert denoising_loss(pred, target, t, sched, "v_prediction", None).item() == pytest.approx(1.0)
+    # v: weight min(SNR, 5) / (SNR + 1): 5 / (SNR + 1) at the clean step, SNR / (SNR + 1) at the noisy one
+    want = (5 / (snr[clean] + 1) + snr[noisy] / (snr[noisy] + 1)) / 2
+    assert denoising_loss(pred, target, t, sched, "v_prediction", 5.0).item() == pytest.approx(float(want), rel=1e-5)
+    # epsilon: min(SNR, 5) / SNR: 1 where SNR <= 5, 5 / SNR above
+    want = (5 / snr[clean] + 1.0) / 2
+    assert denoising_loss(pred, target, t, sched, "epsilon", 5.0).item() == pytest.approx(float(want), rel=1e-5)
+    with pytest.raises(ImageBaseError, match="snr_gamma must be positive"):
+        ImageBaseConfig(snr_gamma=0)
+
+
 def test_the_image_base_trains_resumes_to_the_same_weights_and_samples_through_diffusers(style_home, tmp_path):
     from diffusers import UNet2DConditionModel
 
@@ -73,6 +92,33 @@ def test_the_image_base_trains_resumes_to_the_same_weights_and_samples_through_d
     assert x.shape == (2, 3, 8, 8) and x.abs().max() <= 1
     assert torch.equal(x, base.sample(["subject 1", "a red square"], steps=3, guidance=2.0, seed=1))
     assert not torch.equal(x[0], x[1])
+
+
+def test_a_base_the_package_ships_is_copied_for_its_own_recipe_only(style_home, tmp_path, monkeypatch):
+    from diffusers import UNet2DConditionModel
+
+    import oral.image.base as image_base
+    from oral.image.base import ImageBaseConfig, copy_image_base, list_image_bases, train_image_base
+
+    cfg = ImageBaseConfig(**TINY, steps=2)
+    trained = train_image_base(tmp_path / "trained", cfg)
+    shipped = copy_image_base(trained, tmp_path / "package" / "image-base", card="# a card\n")
+    assert (shipped / "README.md").read_text() == "# a card\n" and not (shipped / "checkpoints").exists()
+    monkeypatch.setattr(image_base, "BUNDLED", shipped)
+    assert image_base.bundled_recipe() == image_base.recipe(cfg)
+    assert "copies it here in seconds" in list_image_bases()[-1]["source"]  # the default dir is not installed
+
+    copied = train_image_base(tmp_path / "copied", cfg)  # the same recipe: copied, not trained
+    assert not (copied / "checkpoints").exists() and (copied / "samples.png").is_file()
+    a = UNet2DConditionModel.from_pretrained(trained / "unet").state_dict()
+    b = UNet2DConditionModel.from_pretrained(copied / "unet").state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert (copied / "image_base.json").read_text() == (trained / "image_base.json").read_text()
+    # another recipe, or asked to retrain: trained
+    assert (train_image_base(tmp_path / "other", ImageBaseConfig(**TINY, steps=2, lr=1e-3)) / "checkpoints").is_dir()
+    assert (train_image_base(tmp_path / "again", cfg, use_bundled=False) / "checkpoints").is_dir()
+    (shipped / "unet" / "diffusion_pytorch_model.safetensors").unlink()  # an install without it: nothing shipped
+    assert image_base.bundled_recipe() is None
 
 
 def test_a_style_lora_trains_into_a_zoo_resumes_and_loads_the_same_through_peft_and_diffusers(style_home, tmp_path):

@@ -96,6 +96,9 @@ class ImageBaseConfig:
     # v: under the cosine schedule, epsilon prediction at high noise never set the pictures' low
     # frequencies (sampled means 0.04 against the data's 0.54; scripts/image_base_check.py)
     prediction_type: str = "v_prediction"
+    # Min-SNR-gamma loss weighting (Hang et al. 2023): each timestep's loss weighted by min(SNR, gamma) over
+    # the target's own SNR scale, so the many easy low-noise steps stop dominating the gradient. None: plain MSE.
+    snr_gamma: float | None = None
     limit: int | None = None  # train on the first N subjects only (tests)
     seed: int = 0
     save_every: int = 500
@@ -116,6 +119,8 @@ class ImageBaseConfig:
             raise ImageBaseError(f"schedule must be one of {', '.join(SCHEDULES)}, got {self.schedule!r}")
         if self.prediction_type not in ("epsilon", "v_prediction", "sample"):
             raise ImageBaseError(f"prediction_type must be epsilon, v_prediction or sample, got {self.prediction_type!r}")
+        if self.snr_gamma is not None and self.snr_gamma <= 0:
+            raise ImageBaseError(f"snr_gamma must be positive (5 is the usual value) or null, got {self.snr_gamma}")
 
 
 def build_unet(cfg: ImageBaseConfig, text_dim: int = 384):
@@ -167,16 +172,33 @@ class NameEncoder:
 # Training
 
 
-def train_image_base(out: str | Path, cfg: ImageBaseConfig | None = None, stop_at: int | None = None) -> Path:
+# What a trained base depends on: its config less where and how verbosely it ran.
+NOT_RECIPE = ("device", "save_every", "keep_checkpoints", "log_every", "sample_steps", "sample_guidance")
+
+
+def recipe(cfg: ImageBaseConfig | dict) -> dict:
+    """The fields of an image-base config that decide the trained weights (JSON-normalised)."""
+    d = dataclasses.asdict(cfg) if isinstance(cfg, ImageBaseConfig) else cfg
+    return {k: v for k, v in json.loads(json.dumps(d)).items() if k not in NOT_RECIPE}
+
+
+def train_image_base(out: str | Path, cfg: ImageBaseConfig | None = None, stop_at: int | None = None,
+                     use_bundled: bool = True) -> Path:
     """Train (or resume) the image base model into `out`; returns `out`.
 
-    stop_at: stop after this step (a checkpoint is written there), as if interrupted."""
+    use_bundled: when `out` holds nothing yet and the package ships a base trained by this very recipe
+    (BUNDLED), copy that one instead of spending the hours again. stop_at: stop after this step (a
+    checkpoint is written there), as if interrupted."""
     from diffusers.training_utils import EMAModel
 
     cfg = cfg or ImageBaseConfig()
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     remove_debris(out)
+    if use_bundled and stop_at is None and not (out / META_NAME).is_file() and not (out / CHECKPOINTS).exists() \
+            and bundled_recipe() == recipe(cfg):
+        log.info("image base: the package ships this recipe's base; copying %s (retrain: use_bundled=False)", BUNDLED)
+        return copy_image_base(BUNDLED, out, cfg.device)
     device = resolve_device(cfg.device)
 
     # 1) data: the style set's training subjects and their names' embeddings (the empty name: the null condition)
@@ -193,9 +215,7 @@ def train_image_base(out: str | Path, cfg: ImageBaseConfig | None = None, stop_a
     ema = EMAModel(unet.parameters(), decay=cfg.ema_decay)
     opt = torch.optim.AdamW(unet.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     scheduler = build_scheduler(cfg)
-    run_key = {k: v for k, v in json.loads(json.dumps(dataclasses.asdict(cfg))).items()
-               if k not in ("steps", "device", "save_every", "keep_checkpoints", "log_every", "sample_steps",
-                            "sample_guidance")}
+    run_key = {k: v for k, v in recipe(cfg).items() if k != "steps"}
     start, state, extra = resume(out / CHECKPOINTS, unet, opt, run_key, tensors=("ema",),
                                  fix=f"resume with the same config, or give a new --out than {out}")
     if state:
@@ -225,7 +245,7 @@ def train_image_base(out: str | Path, cfg: ImageBaseConfig | None = None, stop_a
                    min_lr_ratio=cfg.min_lr_ratio)
         set_lr(opt, lr)
         pred = unet(x_t, t, encoder_hidden_states=c, encoder_attention_mask=m).sample  # (B, 3, S, S)
-        loss = torch.nn.functional.mse_loss(pred, target)
+        loss = denoising_loss(pred, target, t, scheduler, cfg.prediction_type, cfg.snr_gamma)
         if not math.isfinite(loss.item()):
             raise ImageBaseError(f"the loss became {loss.item()} at step {done}; lower lr")
         opt.zero_grad(set_to_none=True)
@@ -251,6 +271,21 @@ def train_image_base(out: str | Path, cfg: ImageBaseConfig | None = None, stop_a
     return out
 
 
+def denoising_loss(pred: torch.Tensor, target: torch.Tensor, t: torch.Tensor, scheduler, prediction_type: str,
+                   snr_gamma: float | None = None) -> torch.Tensor:
+    """The MSE of a batch's predictions, each picture's weighted by Min-SNR-gamma when `snr_gamma` is set:
+    min(SNR, gamma) / SNR for epsilon, / (SNR + 1) for v, / 1 for the sample itself (weights <= 1)."""
+    if snr_gamma is None:
+        return torch.nn.functional.mse_loss(pred, target)
+    from diffusers.training_utils import compute_snr
+
+    snr = compute_snr(scheduler, t)  # (B,)
+    clipped = snr.clamp(max=snr_gamma)
+    weight = {"epsilon": clipped / snr, "v_prediction": clipped / (snr + 1), "sample": clipped}[prediction_type]
+    per_picture = (pred - target).pow(2).flatten(1).mean(1)  # (B,)
+    return (per_picture * weight).mean()
+
+
 def _export(out: Path, cfg: ImageBaseConfig, text_dim: int, weights: dict, scheduler, step: int, wall_s: float,
             rows: list[dict]) -> None:
     """OUT/unet, OUT/scheduler, OUT/image_base.json (last: a reader never sees a half-written base), loss.csv."""
@@ -266,6 +301,50 @@ def _export(out: Path, cfg: ImageBaseConfig, text_dim: int, weights: dict, sched
             "size": cfg.size, "text_encoder": cfg.text_encoder, "text_tokens": cfg.text_tokens,
             "train": dataclasses.asdict(cfg)}
     atomic_write_text(out / META_NAME, json.dumps(meta, indent=2, sort_keys=True) + "\n")
+
+
+# -----------------------------------------------------------------------------
+# The base shipped in the package
+
+BUNDLED = Path(__file__).resolve().parents[1] / "pretrained" / "image-base-emoji-google"
+BUNDLE_FILES = (META_NAME, f"{UNET_DIR}/config.json", f"{UNET_DIR}/diffusion_pytorch_model.safetensors",
+                f"{SCHEDULER_DIR}/scheduler_config.json")
+
+
+def bundled_recipe() -> dict | None:
+    """The training recipe of the base the package ships, or None when this install ships none."""
+    if not all((BUNDLED / f).is_file() for f in BUNDLE_FILES):
+        return None
+    return recipe(read_json(BUNDLED / META_NAME, f"reinstall oral; {BUNDLED} is damaged")["train"])
+
+
+def copy_image_base(src: str | Path, out: str | Path, device: str = "cpu", card: str | None = None) -> Path:
+    """Copy a trained base's inference files (unet/, scheduler/, image_base.json; no checkpoints) into `out`,
+    the metadata last so a reader never sees half a base, then draw its held-out sample grid there (or,
+    with `card`, write the card as README.md instead: the package's copy). Returns `out`."""
+    import shutil
+
+    src, out = Path(src), Path(out)
+    missing = [f for f in BUNDLE_FILES if not (src / f).is_file()]
+    if missing:
+        raise ImageBaseError(f"{src} is not a complete image base (no {', '.join(missing)}); train it with "
+                             f"`{BUILD_COMMAND} --out {src}`")
+    out.mkdir(parents=True, exist_ok=True)
+    for sub in (UNET_DIR, SCHEDULER_DIR):
+        with atomic_dir(out / sub, overwrite=True) as tmp:
+            for f in BUNDLE_FILES:
+                if f.startswith(f"{sub}/"):
+                    shutil.copyfile(src / f, tmp / Path(f).name)
+    meta = read_json(src / META_NAME, f"train {src} again")
+    if card is not None:
+        atomic_write_text(out / "README.md", card)
+    atomic_write_text(out / META_NAME, json.dumps(meta, indent=2, sort_keys=True) + "\n")
+    if card is None:
+        _, held_out = load_style_set(meta["style"], meta["size"], split="test")
+        train = meta["train"]
+        write_sample_grid(ImageBase.from_pretrained(out, device), out / SAMPLES_NAME, held_out[:SAMPLE_COUNT],
+                          train.get("sample_steps", 50), train.get("sample_guidance", 3.0))
+    return out
 
 
 # -----------------------------------------------------------------------------
@@ -442,8 +521,11 @@ def list_image_bases() -> list[dict]:
                                     f"{meta['train'].get('prediction_type', 'epsilon')}, step {meta['step']}",
                      "source": f"built by `oral images train-base` ({meta['style']}, {meta['step']} steps)",
                      "path": str(d)})
-    if not rows:
-        rows.append({"name": str(root / ImageBaseConfig().style), "architecture": "UNet2DConditionModel",
-                     "num_params": 0, "description": "text-to-image base (not built)",
-                     "source": f"not built: `{BUILD_COMMAND}` (~90 min on one CPU thread)", "path": None})
+    default = root / ImageBaseConfig().style
+    if not any(r["path"] == str(default) for r in rows):
+        shipped = bundled_recipe() is not None
+        rows.append({"name": str(default), "architecture": "UNet2DConditionModel", "num_params": 0,
+                     "description": "text-to-image base (not installed)" if shipped else "text-to-image base (not built)",
+                     "source": f"shipped in the package: `{BUILD_COMMAND}` copies it here in seconds" if shipped
+                     else f"not built: `{BUILD_COMMAND}` (~90 min on one CPU thread)", "path": None})
     return rows

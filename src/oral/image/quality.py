@@ -1,0 +1,91 @@
+"""How well an image base draws its own style set: `oral images eval-base --base DIR`.
+
+The base draws the first `subjects` training subjects and the first `subjects` held-out ones (names it
+never saw) from one seed, and each set of drawings is set beside the real pictures of the same subjects:
+
+- fid-ours, kid-ours: FID's and KID's formulas on the judge's features (oral.image.judge), drawings vs
+  the real pictures (lower is closer);
+- style-acc: the share of drawings the judge puts in the base's own style;
+- subject-acc: the share whose subject category (Smileys, Animals, Food, ...) the judge reads right;
+  the same judge on the real pictures gives the ceiling (`real-subject-acc`);
+- match@1, match@5: is the drawing of a subject nearest (pixel L2) to that subject's real picture
+  among the real pictures of all the drawn subjects (chance: 1/n and 5/n)? A base that draws the
+  asked subject scores high on training subjects; on held-out ones only what the name implies can match.
+
+    report = evaluate_base(ImageBase.from_pretrained(dir), Judge.from_pretrained(judge_dir))
+"""
+
+from __future__ import annotations
+
+import torch
+
+from oral.image.base import ImageBase, ImageBaseError, image_grid
+from oral.image.judge import Judge, frechet_distance, kernel_distance
+
+SPLITS = ("train", "test")
+GRID_SUBJECTS = 16  # columns of the real-over-drawn grid per split
+
+
+def match_at(drawn: torch.Tensor, real: torch.Tensor, k: int) -> float:
+    """Share of drawings i whose real picture i is among the k nearest real pictures (pixel L2)."""
+    d = torch.cdist(drawn.flatten(1).double(), real.flatten(1).double())  # (n, n)
+    nearest = d.topk(min(k, len(real)), largest=False).indices  # (n, k)
+    return float((nearest == torch.arange(len(drawn))[:, None]).any(1).double().mean())
+
+
+def evaluate_base(base: ImageBase, judge: Judge, subjects: int = 128, steps: int = 25, guidance: float = 1.0,
+                  seed: int = 0) -> dict:
+    """{"config": ..., "train": {measure: value}, "test": {...}}, plus the pictures for a grid under "_shown"."""
+    from oral.image.data import load_style_set
+
+    if base.style is None:
+        raise ImageBaseError(f"{base.path} names no style set of its own (a diffusers pipeline); eval-base judges "
+                             "a base trained by `oral images train-base`")
+    style = judge.style_index(base.style)
+    report: dict = {"config": {"base": str(base.path), "style": base.style, "subjects": subjects, "steps": steps,
+                               "guidance": guidance, "seed": seed, "judge_created": judge.meta.get("created")},
+                    "_shown": {}}
+    for split in SPLITS:
+        real, names = load_style_set(base.style, base.size, split, limit=subjects)
+        drawn = base.sample(names, steps=steps, guidance=guidance, seed=seed)  # (n, 3, S, S)
+        feats, style_pred, cat_pred = judge.predict(drawn)
+        real_feats, _, real_cat = judge.predict(real)
+        cats = judge.category_indices(names)
+        scored = cats >= 0
+        report[split] = {
+            "n": len(names),
+            "fid-ours": round(frechet_distance(feats, real_feats), 4),
+            "kid-ours": round(kernel_distance(feats, real_feats), 6),
+            "style-acc": round(float((style_pred == style).double().mean()), 4),
+            "subject-acc": round(float((cat_pred == cats)[scored].double().mean()), 4) if scored.any() else None,
+            "real-subject-acc": round(float((real_cat == cats)[scored].double().mean()), 4) if scored.any() else None,
+            "match@1": round(match_at(drawn, real, 1), 4),
+            "match@5": round(match_at(drawn, real, 5), 4),
+            "chance@1": round(1 / len(names), 4),
+        }
+        report["_shown"][split] = (real[:GRID_SUBJECTS], drawn[:GRID_SUBJECTS], names[:GRID_SUBJECTS])
+    return report
+
+
+def report_grid(report: dict) -> bytes:
+    """PNG bytes: per split, the real pictures above the base's drawings of the same subjects."""
+    rows, labels = [], []
+    for split, (real, drawn, names) in report["_shown"].items():
+        rows += [real, drawn]
+        labels += [f"{split} real: {n}" if i == 0 else n for i, n in enumerate(names)]
+        labels += [f"{split} drawn" if i == 0 else "" for i in range(len(names))]
+    columns = max(len(r) for r in rows)
+    return image_grid(torch.cat(rows), labels, columns=columns, scale=3)
+
+
+def format_report(report: dict) -> str:
+    cfg = report["config"]
+    measures = [k for k in report["train"] if k != "n"]
+    lines = [f"{cfg['base']} drawing {cfg['style']}: {cfg['steps']} DDIM steps, guidance {cfg['guidance']}, "
+             f"seed {cfg['seed']}", "", "| subjects | n | " + " | ".join(measures) + " |",
+             "|---|---|" + "---|" * len(measures)]
+    for split in SPLITS:
+        r = report[split]
+        cells = ["" if r[m] is None else f"{r[m]:.4g}" for m in measures]
+        lines.append(f"| {'training' if split == 'train' else 'held-out'} | {r['n']} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
