@@ -3,6 +3,7 @@ style runs in `oral zoo` grids, and the image-styles experiment end to end on ti
 
 import io
 import json
+import os
 import shutil
 import tarfile
 
@@ -23,9 +24,9 @@ def style_home(tmp_path, monkeypatch):
     return tmp_path / "home"
 
 
-def test_an_svg_style_set_is_drawn_at_fetch_time_and_named_by_code_point(style_home, tmp_path):
-    """OpenMoji's SVGs are rasterised once and take emoji-datasource's names (joined on the code point);
-    skin-tone variants and code points it does not know are left out."""
+def test_an_svg_style_set_is_drawn_at_fetch_time_and_named_by_code_point(style_home, tmp_path, monkeypatch):
+    """OpenMoji's SVGs, fetched by `npm pack`, are rasterised once and take emoji-datasource's names (joined on
+    the code point); skin-tone variants and code points it does not know are left out."""
     from oral.image.data import load_style_set
 
     svg = b'<svg xmlns="http://www.w3.org/2000/svg" viewBox="0 0 8 8"><rect width="8" height="8" fill="#ff0000"/></svg>'
@@ -42,13 +43,15 @@ def test_an_svg_style_set_is_drawn_at_fetch_time_and_named_by_code_point(style_h
         add("data/openmoji.json", json.dumps(meta).encode())
         for m in meta:
             add(f"color/svg/{m['hexcode']}.svg", svg)
-    npm = tmp_path / "npm"
+    (tmp_path / "bin").mkdir()
+    npm = tmp_path / "bin" / "npm"  # `npm pack` without the network
     npm.write_text(f"#!/bin/sh\ncp {pkg} .\n")
     npm.chmod(0o755)
+    monkeypatch.setenv("PATH", f"{npm.parent}:{os.environ['PATH']}")
 
     from oral.image.data import fetch_style_set
 
-    fetch_style_set("openmoji-color", npm=str(npm))
+    fetch_style_set("openmoji-color")
     images, names = load_style_set("openmoji-color", size=4, split="all")
     assert names == ["subject 0", "subject 1"]  # emoji-google's names of 1F600, 1F601
     assert torch.allclose(images[0, :, 2, 2], torch.tensor([1.0, -1.0, -1.0]))  # the red square, drawn

@@ -7,7 +7,8 @@ def add_parser(sub) -> None:
     p = sub.add_parser(
         "images",
         help="style sets and the text-to-image base model the style LoRAs adapt",
-        description="`oral images list` shows the style sets; `oral images fetch NAME` downloads one (npm); "
+        description="`oral images list` shows the style sets; `oral images fetch NAME ... [--archive FILE]` downloads "
+                    "them (npm pack or apt-get download; or from an archive downloaded by hand); "
                     "`oral images train-base [--config configs/image-base-emoji.yaml] [key=value ...]` trains "
                     "the image base model (resumable); `oral images sample --base DIR PROMPT ...` draws with it; "
                     "`oral images train-style --base DIR STYLE ... [key=value ...]` trains a style LoRA per style set "
@@ -30,6 +31,8 @@ def add_parser(sub) -> None:
     p.add_argument("--steps", type=int, default=50, help="sample: DDIM steps")
     p.add_argument("--guidance", type=float, default=3.0, help="sample: classifier-free guidance scale")
     p.add_argument("--seed", type=int, default=0, help="sample, train-style: seed")
+    p.add_argument("--archive", help="fetch: the package's archive, downloaded by hand (`npm pack PACKAGE`'s .tgz, "
+                                     "a .deb), instead of downloading it (one set at a time)")
     p.add_argument("--json", action="store_true", help="list: print JSON")
     p.set_defaults(func=run, extra_words="words")
 
@@ -49,8 +52,17 @@ def run(args) -> int:
                   f"{'' if r['free'] else '(research runs only) '}{r['descriptions'][0]}")
         return 0
     if args.action == "fetch":
-        for name in args.words or ["emoji-google"]:
-            print(f"{name}: {fetch_style_set(name)}")
+        from oral.image.data import FETCH_REPORT
+
+        names = args.words or ["emoji-google"]
+        if args.archive and len(names) != 1:
+            raise SystemExit("oral images fetch: --archive is one package's archive; give one style set name")
+        for name in names:
+            path = fetch_style_set(name, archive=args.archive)
+            report = json.loads((path / FETCH_REPORT).read_text()) if (path / FETCH_REPORT).is_file() else {}
+            skipped = ", ".join(f"{n} {why}" for why, n in report.get("skipped", {}).items())
+            print(f"{name}: {path}" + (f" ({report['pictures']} pictures; skipped: {skipped or 'none'})"
+                                       if report else ""))
         return 0
     if args.action == "train-base":
         from pathlib import Path
@@ -72,8 +84,9 @@ def run(args) -> int:
         cfg = load_config(JudgeConfig, None, args.words)
         judge = train_judge(expand_path(args.out or DEFAULT_JUDGE), cfg)
         h = judge.meta["heldout"]
+        category = f"{h['category_acc']:.3f}" if h["category_acc"] is not None else "none (no set with categories)"
         print(f"judge: {expand_path(args.out or DEFAULT_JUDGE)} ({judge.meta['wall_s']:.0f} s); held-out subjects: "
-              f"style accuracy {h['style_acc']:.3f}, category accuracy {h['category_acc']:.3f}")
+              f"style accuracy {h['style_acc']:.3f}, category accuracy {category}")
         return 0
     if args.action == "train-style":
         from oral.config import load_config

@@ -8,7 +8,8 @@ description is nearest the request's) and `generated` (the generator's adapter f
 description x sampling seed). Each set of pictures is judged against the style's real pictures of the held-out subjects by
 the judge (oral.image.judge): FID-ours and KID-ours on its features (lower is closer to the style),
 style accuracy (share of pictures the judge puts in the asked style) and subject accuracy (share
-whose subject category the judge reads right). A style the generator never trained on is marked
+whose subject category the judge reads right; absent, no row, for a style whose subjects the judge has
+no category for: pixel-icons, clipart). A style the generator never trained on is marked
 `"seen": false` in its rows.
 
 Resumable: generated adapters are kept under CACHE/image-styles/adapters/<hash>, each judged set's
@@ -200,13 +201,15 @@ class ImageStyles:
                                 unet=unet)
 
     def measure(self, pictures: torch.Tensor, subjects: list[str], style: str, reference: torch.Tensor) -> dict:
+        """Every measure of MEASURES; subject-acc is None when the judge has no category for any subject."""
         from oral.image.judge import frechet_distance, kernel_distance
 
         feats, style_pred, cat_pred = self.judge.predict(pictures)
-        cats = self.judge.category_indices(subjects)
+        cats = self.judge.category_indices(subjects, style)  # (N,), -1: no category
+        known = cats >= 0
         return {"fid-ours": frechet_distance(feats, reference), "kid-ours": kernel_distance(feats, reference),
                 "style-acc": float((style_pred == self.judge.style_index(style)).float().mean()),
-                "subject-acc": float((cat_pred == cats).float().mean())}
+                "subject-acc": float((cat_pred[known] == cats[known]).float().mean()) if known.any() else None}
 
     def _score_key(self, cand: Drawn, style: str, n: int) -> list:
         """What a set of pictures and its measures depend on: base, adapter bytes, style, sampling, judge."""
@@ -244,8 +247,7 @@ class ImageStyles:
                     shown[cand.method] = load_safetensors(kept, "remove it; it is drawn again")["pictures"]
                 row = {"base": str(self.base_dir), "version": 0, "task": style, "method": cand.method,
                        "description": cand.description, "seed": cand.seed, "split": "test", "seen": seen, **cand.info}
-                for metric, value in measures.items():
-                    rows.append({**row, "metric": metric, "value": round(value, 6), "n": len(subjects)})
+                rows += measure_rows(row, measures, len(subjects))
                 distance = self.distance_row(cand)
                 if distance is not None:
                     rows.append({**row, **distance})
@@ -278,6 +280,13 @@ class ImageStyles:
                                image_grid(pictures, labels, columns=len(subjects), scale=3))
 
 
+def measure_rows(row: dict, measures: dict, n: int) -> list[dict]:
+    """One row per measure, `row`'s fields plus metric, value, n; a measure of None (subject-acc of a style
+    the judge has no categories for) has no row."""
+    return [{**row, "metric": metric, "value": round(value, 6), "n": n}
+            for metric, value in measures.items() if value is not None]
+
+
 def format_tables(result: dict) -> str:
     """One markdown table per measure: style x method, mean +- sd over descriptions x seeds."""
     import statistics
@@ -307,6 +316,9 @@ def format_tables(result: dict) -> str:
             label = style + (" (held out of the generator)" if seen[style] is False else "")
             lines.append(f"| {label} | " + " | ".join(cells) + " |")
         lines.append("")
+        if metric == "subject-acc":
+            blank = [t for t in styles if not any(r["task"] == t and r["metric"] == metric for r in rows)]
+            lines += [f"blank: the judge has no subject categories for {', '.join(blank)}", ""] if blank else []
         if metric == DISTANCE:
             near = [r["nearest_task"] for r in rows if r["metric"] == DISTANCE]
             counts = {t: near.count(t) for t in dict.fromkeys(near)}

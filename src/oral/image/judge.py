@@ -4,7 +4,9 @@ read from it.
 FID and KID are defined on Inception-v3 features, and no Inception, CLIP or other pretrained image
 weights install offline. The stand-in is ours and named as such: a small CNN trained on every style
 set's training subjects to tell (a) which style set a picture comes from and (b) its subject's
-Unicode category ("Smileys & Emotion", "Animals & Nature", ...). Its penultimate features replace
+Unicode category ("Smileys & Emotion", "Animals & Nature", ...), learnt only from the sets whose
+subjects have one (StyleSet.categories == "unicode": the emoji sets; not pixel-icons, and not
+clipart, whose folders are another label space). Its penultimate features replace
 Inception's pool features in the Frechet distance ("FID-ours") and the kernel inception distance
 ("KID-ours"); its two heads give the style accuracy (is a picture drawn in the asked style?) and
 the subject accuracy (is it still the asked subject, to its category?). Numbers are comparable
@@ -29,7 +31,7 @@ import torch
 from safetensors.torch import save_file
 from torch import nn
 
-from oral.image.data import STYLE_SETS, categories_of, fetch_style_set, load_style_set
+from oral.image.data import STYLE_SETS, categories_of, fetch_style_set, load_style_set, style_set
 from oral.io import atomic_dir, atomic_write_json, load_safetensors, read_json
 from oral.progress import progress_bar
 from oral.training import lr_at, set_lr, step_rng
@@ -37,6 +39,9 @@ from oral.training import lr_at, set_lr, step_rng
 log = logging.getLogger(__name__)
 
 DEFAULT_JUDGE = "$ORAL_HOME/image-judges/emoji-32"
+# The default judge's styles: the emoji and OpenMoji sets (what emoji-32 was trained on). A judge of the
+# pixel-icons or clipart style LoRAs needs them too: `oral images train-judge styles=[...,pixel-icons,clipart]`.
+JUDGE_STYLES = ("emoji-google", "emoji-twitter", "emoji-apple", "emoji-facebook", "openmoji-color", "openmoji-line")
 WEIGHTS = "judge.safetensors"
 META = "judge.json"
 
@@ -49,7 +54,7 @@ class JudgeError(ValueError):
 class JudgeConfig:
     """How the judge is trained (`oral images train-judge key=value ...`)."""
 
-    styles: list[str] = field(default_factory=lambda: list(STYLE_SETS))  # the classes of the style head
+    styles: list[str] = field(default_factory=lambda: list(JUDGE_STYLES))  # the classes of the style head
     size: int = 32
     width: int = 32  # channels of the first block; doubled at each of the two downsamplings
     features: int = 64  # the penultimate width: the features FID-ours and KID-ours are computed on
@@ -73,7 +78,7 @@ def _block(cin: int, cout: int, stride: int) -> nn.Sequential:
 
 
 class JudgeNet(nn.Module):
-    """size x size RGB -> features (F) -> style logits and category logits."""
+    """size x size RGB -> features (F) -> style logits and category logits (none without categories)."""
 
     def __init__(self, n_styles: int, n_categories: int, width: int = 32, features: int = 64):
         super().__init__()
@@ -82,11 +87,12 @@ class JudgeNet(nn.Module):
                                   _block(2 * w, 4 * w, 2), _block(4 * w, 4 * w, 1), nn.AdaptiveAvgPool2d(1),
                                   nn.Flatten(), nn.Linear(4 * w, features), nn.SiLU())
         self.style = nn.Linear(features, n_styles)
-        self.category = nn.Linear(features, n_categories)
+        self.category = nn.Linear(features, n_categories) if n_categories else None
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         f = self.body(x)  # (N, F)
-        return f, self.style(f), self.category(f)
+        c = self.category(f) if self.category is not None else f.new_zeros(len(f), 0)  # (N, C)
+        return f, self.style(f), c
 
 
 class Judge:
@@ -113,13 +119,14 @@ class Judge:
 
     @torch.no_grad()
     def predict(self, images: torch.Tensor, batch: int = 256) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """(features (N, F), style index (N,), category index (N,)); pictures of another size are resized to
-        the judge's by area first."""
+        """(features (N, F), style index (N,), category index (N,), -1 for a judge without categories);
+        pictures of another size are resized to the judge's by area first."""
         if images.shape[-1] != self.size:
             images = torch.nn.functional.interpolate(images, size=(self.size, self.size), mode="area")
         outs = [self.net(images[i:i + batch]) for i in range(0, len(images), batch)]
         f, s, c = (torch.cat(parts) for parts in zip(*outs))
-        return f.double(), s.argmax(-1), c.argmax(-1)
+        cats = c.argmax(-1) if c.shape[-1] else torch.full((len(c),), -1)
+        return f.double(), s.argmax(-1), cats
 
     def features(self, images: torch.Tensor) -> torch.Tensor:
         return self.predict(images)[0]
@@ -130,11 +137,18 @@ class Judge:
                              f"train it again with styles=[...,{style}]")
         return self.styles.index(style)
 
-    def category_indices(self, subjects: list[str]) -> torch.Tensor:
-        """Each subject's category index (-1 where the judge has no such category)."""
-        cats = self.meta["subject_categories"]
-        return torch.tensor([self.categories.index(cats[s]) if cats.get(s) in self.categories else -1
-                             for s in subjects])
+    def category_indices(self, subjects: list[str], style: str | None = None) -> torch.Tensor:
+        """Each subject's category index: -1 where the judge has no such category, and for every subject of
+        a style whose categories it did not learn (style given: pixel-icons', clipart's)."""
+        return _category_indices(self.meta, subjects, style)
+
+
+def _category_indices(meta: dict, subjects: list[str], style: str | None = None) -> torch.Tensor:
+    if style is not None and style not in meta.get("category_styles", meta["styles"]):
+        return torch.full((len(subjects),), -1)
+    cats, categories = meta["subject_categories"], meta["categories"]
+    return torch.tensor([categories.index(cats[s]) if cats.get(s) in categories else -1 for s in subjects],
+                        dtype=torch.long)
 
 
 def _data(cfg: JudgeConfig, split: str) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
@@ -149,17 +163,33 @@ def _data(cfg: JudgeConfig, split: str) -> tuple[torch.Tensor, torch.Tensor, lis
     return torch.cat(xs), torch.cat(ys), names
 
 
+def _category_labels(meta: dict, y_style: torch.Tensor, names: list[str]) -> torch.Tensor:
+    """(N,) each picture's category index; -1 (neither learnt from nor scored) for a picture of a style
+    without Unicode categories."""
+    y = torch.full((len(names),), -1)
+    for i, style in enumerate(meta["styles"]):
+        at = (y_style == i).nonzero().flatten().tolist()
+        if at:
+            y[at] = _category_indices(meta, [names[j] for j in at], style)
+    return y
+
+
 def train_judge(out: str | Path, cfg: JudgeConfig | None = None) -> Judge:
     """Train the judge on every style's training subjects, score it on the held-out subjects, write it to `out`."""
     cfg = cfg or JudgeConfig()
     out = Path(out)
     t0 = time.time()
     x, y_style, names = _data(cfg, "train")
+    category_styles = [st for st in cfg.styles if style_set(st).categories == "unicode"]  # one label space
     subject_categories: dict[str, str] = {}
-    for style in cfg.styles:
+    for style in category_styles:
         subject_categories.update(categories_of(style))
-    categories = sorted({subject_categories[n] for n in names})
-    y_cat = torch.tensor([categories.index(subject_categories[n]) for n in names])
+    in_category_style = [cfg.styles[int(i)] in category_styles for i in y_style]
+    categories = sorted({subject_categories[n] for n, k in zip(names, in_category_style) if k})
+    meta = {"config": dataclasses.asdict(cfg), "styles": list(cfg.styles), "categories": categories,
+            "category_styles": category_styles, "subject_categories": subject_categories, "train_pictures": len(x),
+            "steps": cfg.steps}
+    y_cat = _category_labels(meta, y_style, names)  # (N,), -1: no category to learn
     torch.manual_seed(cfg.seed)
     net = JudgeNet(len(cfg.styles), len(categories), cfg.width, cfg.features)
     opt = torch.optim.AdamW(net.parameters(), lr=cfg.lr, weight_decay=1e-4)
@@ -177,21 +207,24 @@ def train_judge(out: str | Path, cfg: JudgeConfig | None = None) -> Judge:
                           min_lr_ratio=0.05))
         net.train()
         _, s_logits, c_logits = net(xb)
-        loss = loss_fn(s_logits, y_style[idx]) + loss_fn(c_logits, y_cat[idx])
+        loss = loss_fn(s_logits, y_style[idx])
+        known = y_cat[idx] >= 0  # (B,) pictures of a style with categories
+        if known.any():
+            loss = loss + loss_fn(c_logits[known], y_cat[idx][known])
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
         bar.set_postfix(loss=f"{loss.item():.3f}")
     bar.close()
-    meta = {"config": dataclasses.asdict(cfg), "styles": list(cfg.styles), "categories": categories,
-            "subject_categories": subject_categories, "train_pictures": len(x), "steps": cfg.steps}
     judge = Judge(net, meta)
     # held-out subjects (never trained on): how well the judge itself does, per style
     vx, vy, vnames = _data(cfg, "test")
     _, s_pred, c_pred = judge.predict(vx)
-    v_cat = judge.category_indices(vnames)
+    v_cat = _category_labels(meta, vy, vnames)
+    known = v_cat >= 0
     meta["heldout"] = {"pictures": len(vx), "style_acc": round(float((s_pred == vy).float().mean()), 4),
-                       "category_acc": round(float((c_pred == v_cat).float().mean()), 4),
+                       "category_acc": round(float((c_pred[known] == v_cat[known]).float().mean()), 4)
+                       if known.any() else None,  # None: no held-out picture of a style with categories
                        "style_acc_per_set": {s: round(float((s_pred[vy == i] == i).float().mean()), 4)
                                              for i, s in enumerate(cfg.styles)}}
     meta["wall_s"] = round(time.time() - t0, 1)
