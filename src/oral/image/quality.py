@@ -13,6 +13,7 @@ never saw) from one seed, and each set of drawings is set beside the real pictur
   asked subject scores high on training subjects; on held-out ones only what the name implies can match.
 
     report = evaluate_base(ImageBase.from_pretrained(dir), Judge.from_pretrained(judge_dir))
+    bundle_base(dir, report)    # the package's copy (oral.image.base.BUNDLED) with this report in its card
 """
 
 from __future__ import annotations
@@ -50,7 +51,7 @@ def evaluate_base(base: ImageBase, judge: Judge, subjects: int = 128, steps: int
         drawn = base.sample(names, steps=steps, guidance=guidance, seed=seed)  # (n, 3, S, S)
         feats, style_pred, cat_pred = judge.predict(drawn)
         real_feats, _, real_cat = judge.predict(real)
-        cats = judge.category_indices(names)
+        cats = judge.category_indices(names, base.style)  # -1: no category the judge learnt
         scored = cats >= 0
         report[split] = {
             "n": len(names),
@@ -89,3 +90,48 @@ def format_report(report: dict) -> str:
         cells = ["" if r[m] is None else f"{r[m]:.4g}" for m in measures]
         lines.append(f"| {'training' if split == 'train' else 'held-out'} | {r['n']} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
+
+
+def model_card(base: ImageBase, report: dict) -> str:
+    """The README.md of the package's copy of a base: what it is, how it was trained, what it draws."""
+    meta, train = base.meta, base.meta["train"]
+    n = sum(p.numel() for p in base.unet.parameters())
+    return "\n".join([
+        f"# oral image base: {meta['style']}, {meta['size']} px",
+        "",
+        f"A text-to-image diffusion model of {n / 1e6:.2f} M parameters (diffusers `UNet2DConditionModel`, pixel "
+        f"space, channels {train['channels']}) that draws the {meta['style']} style set from a subject's name, read "
+        f"by {meta['text_encoder']} (token embeddings, cross-attention). It is the base the style LoRAs of "
+        "`oral images train-style` adapt and `oral generate --base` writes adapters for.",
+        "",
+        "## Training",
+        f"- {meta['step']} steps, batch {train['batch_size']}, lr {train['lr']} ({train['schedule']}), EMA "
+        f"{train['ema_decay']}, {train['prediction_type']}, Min-SNR gamma {train.get('snr_gamma')}, "
+        f"{train['beta_schedule']} betas, {train['cond_dropout']:.0%} of names dropped (classifier-free guidance); "
+        f"{meta['wall_s']:.0f} s of training on CPU",
+        "- the style set's training subjects only (a tenth of the names, chosen by a hash, are held out)",
+        "- rebuild: `oral images train-base --config configs/image-base-emoji.yaml --retrain` (without --retrain "
+        "that command copies this base)",
+        "",
+        "## Measured (`oral images eval-base`)",
+        "",
+        format_report(report),
+        "",
+        "fid-ours / kid-ours: FID's and KID's formulas on the features of the project's judge (a small classifier "
+        "trained on the style sets), not Inception's; subject-acc: the judge reads the subject's category; "
+        "match@k: the drawing's nearest real pictures (pixel L2) include the subject's own.",
+        "",
+        "## Limits",
+        "- 32 px and 2 M parameters, trained on CPU: it draws the colours and rough shapes of a subject; many "
+        "held-out names come out as a generic face or blob.",
+        f"- Trained on {meta['style']} pictures (Google's Noto emoji, Apache-2.0).",
+        "",
+    ])
+
+
+def bundle_base(base_dir, report: dict, out=None):
+    """Copy a trained base into the package (oral.image.base.BUNDLED, or `out`) with its model card."""
+    from oral.image.base import BUNDLED, copy_image_base
+
+    base = ImageBase.from_pretrained(base_dir)
+    return copy_image_base(base_dir, BUNDLED if out is None else out, card=model_card(base, report))
