@@ -3,8 +3,11 @@
 # step skips what is done and resumes what stopped, so rerun it after an interruption.
 #   bash scripts/image_styles.sh                 # CPU (two processes train the style zoo)
 #   DEVICE=cuda bash scripts/image_styles.sh     # one GPU
+#   ORAL_HOME=~/oral-v1 BASE_CONFIG=configs/image-base-emoji-v1.yaml bash scripts/image_styles.sh
+#       # on the first base (trained, ~90 min); a fresh ORAL_HOME, since zoo runs name their base by its dir
 # 1) the style sets (npm; OpenMoji's SVGs are drawn once with cairosvg), a few minutes;
-# 2) the image base (configs/image-base-emoji.yaml): ~90 min on one CPU thread;
+# 2) the image base (BASE_CONFIG, default configs/image-base-emoji.yaml): the package ships that one, so it is
+#    copied in seconds (--retrain: ~100 min on one CPU thread); another config is trained;
 # 3) the judge (`oral images train-judge`): ~20 min on one loaded thread;
 # 4) the style zoo (configs/zoo-styles.yaml): 10 runs, 5-11 min each on one loaded thread;
 # 5) the generator (configs/generator-styles.yaml), openmoji-color held out: ~8 min;
@@ -14,11 +17,12 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 . .venv/bin/activate
 DEVICE=${DEVICE:-cpu}
+BASE_CONFIG=${BASE_CONFIG:-configs/image-base-emoji.yaml}
 HOME_DIR=${ORAL_HOME:-$HOME/.cache/oral}
 T0=$(date +%s)
 stamp() { echo "[$(( $(date +%s) - T0 )) s] $*"; }
 stamp "style sets"; oral images fetch emoji-google emoji-twitter emoji-apple emoji-facebook openmoji-color openmoji-line
-stamp "image base"; oral images train-base --config configs/image-base-emoji.yaml device="$DEVICE"
+stamp "image base"; oral images train-base --config "$BASE_CONFIG" --out "$HOME_DIR/image-bases/emoji-google" device="$DEVICE"
 stamp "judge";      [ -f "$HOME_DIR/image-judges/emoji-32/judge.json" ] || oral images train-judge
 stamp "style zoo";  oral zoo --config configs/zoo-styles.yaml style_train.device="$DEVICE" &
                     oral zoo --config configs/zoo-styles.yaml style_train.device="$DEVICE"; wait
