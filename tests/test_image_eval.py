@@ -245,3 +245,21 @@ def test_a_generated_lora_for_a_stable_diffusion_pipeline_dir_loads_with_load_lo
     pipe.load_lora_weights(str(out))
     styled = pipe("a red cat", generator=torch.Generator().manual_seed(0), **kw).images
     assert styled.shape == plain.shape == (1, 3, 8, 8) and not torch.allclose(plain, styled)
+
+
+def test_image_styles_measures_the_base_alone_without_a_zoo_and_needs_one_for_trained(style_home, tmp_path):
+    from oral.experiments.compare import ExperimentError
+    from oral.experiments.image_styles import ImageStyles, ImageStylesConfig
+    from oral.image.base import ImageBaseConfig, train_image_base
+    from oral.image.judge import JudgeConfig, train_judge
+
+    base_dir = train_image_base(tmp_path / "base", ImageBaseConfig(**TINY_IMAGE_BASE, steps=2))
+    train_judge(tmp_path / "judge", JudgeConfig(styles=["emoji-google", "emoji-twitter", "emoji-apple"], size=8,
+                                                width=8, features=8, steps=3, batch_size=8))
+    common = dict(base=str(base_dir), zoo=str(tmp_path / "no-zoo"), judge=str(tmp_path / "judge"), subjects=4, steps=2,
+                  out=str(tmp_path / "out"), cache=str(tmp_path / "cache"))
+    result = ImageStyles(ImageStylesConfig(**common, methods=["base"], styles=["emoji-twitter"])).run()
+    assert {(r["task"], r["method"]) for r in result["rows"]} == {("emoji-twitter", "base")}
+    assert {r["metric"] for r in result["rows"]} == {"fid-ours", "kid-ours", "style-acc", "subject-acc"}
+    with pytest.raises(ExperimentError, match="holds no finished style runs"):
+        ImageStyles(ImageStylesConfig(**common, methods=["base", "trained"], styles=["emoji-twitter"]))

@@ -114,7 +114,7 @@ class ImageStyles:
         records = [r for r in self.zoo.all_records() if r.get("domain") == "image" and r.get("final")
                    and r["base"] == str(self.base_dir) and r["rank"] == cfg.rank and r["seed"] == cfg.zoo_seed]
         self.trained = {r["task"]: self.zoo.root / r["path"] for r in records}
-        if not self.trained:
+        if not self.trained and (set(cfg.methods) != {"base"} or not cfg.styles):  # the base alone needs no zoo
             raise ExperimentError(f"{self.zoo.root} holds no finished style runs on {self.base_dir} at rank {cfg.rank}, "
                                   f"seed {cfg.zoo_seed}; train them with `oral images train-style --base {cfg.base} STYLE`")
         self.styles = cfg.styles or sorted(self.trained)
@@ -183,8 +183,10 @@ class ImageStyles:
         from oral.gauge import update_distance
         from oral.lora import load_adapter
 
+        if cand.method != "generated":
+            return None
         pool = self.pool()
-        if cand.method != "generated" or not pool:
+        if not pool:
             return None
         spec, state = load_adapter(cand.adapter)
         dist, rec = min(((update_distance(spec, state, other)["rel_l2"], r) for r, other in pool), key=lambda d: d[0])
