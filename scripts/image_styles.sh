@@ -3,11 +3,11 @@
 # step skips what is done and resumes what stopped, so rerun it after an interruption.
 #   bash scripts/image_styles.sh                 # CPU (two processes train the style zoo)
 #   DEVICE=cuda bash scripts/image_styles.sh     # one GPU
-#   ORAL_HOME=~/oral-v1 BASE_CONFIG=configs/image-base-emoji-v1.yaml bash scripts/image_styles.sh
-#       # on the first base (trained, ~90 min); a fresh ORAL_HOME, since zoo runs name their base by its dir
+#   ORAL_HOME=~/oral-minsnr BASE_CONFIG=configs/image-base-emoji-minsnr.yaml bash scripts/image_styles.sh
+#       # on another base recipe; a fresh ORAL_HOME, since zoo runs name their base by its dir
 # 1) the style sets (npm; OpenMoji's SVGs are drawn once with cairosvg), a few minutes;
-# 2) the image base (BASE_CONFIG, default configs/image-base-emoji.yaml): the package ships that one, so it is
-#    copied in seconds (--retrain: ~100 min on one CPU thread); another config is trained;
+# 2) the image base (BASE_CONFIG, default configs/image-base-emoji.yaml): ~90 min on one CPU thread (copied in
+#    seconds instead when the package ships a base of that recipe: `oral images eval-base --bundle`);
 # 3) the judge (`oral images train-judge`): ~20 min on one loaded thread;
 # 4) the style zoo (configs/zoo-styles.yaml): 10 runs, 5-11 min each on one loaded thread;
 # 5) the generator (configs/generator-styles.yaml), openmoji-color held out: ~8 min;

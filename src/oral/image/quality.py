@@ -122,8 +122,8 @@ def model_card(base: ImageBase, report: dict) -> str:
         "match@k: the drawing's nearest real pictures (pixel L2) include the subject's own.",
         "",
         "## Limits",
-        "- 32 px and 2 M parameters, trained on CPU: it draws the colours and rough shapes of a subject; many "
-        "held-out names come out as a generic face or blob.",
+        f"- {meta['size']} px and {n / 1e6:.1f} M parameters: compare its subject accuracy and match@k above with "
+        "the real pictures' before relying on it to draw a named subject.",
         f"- Trained on {meta['style']} pictures (Google's Noto emoji, Apache-2.0).",
         "",
     ])
