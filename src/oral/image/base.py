@@ -179,7 +179,10 @@ NOT_RECIPE = ("device", "save_every", "keep_checkpoints", "log_every", "sample_s
 def recipe(cfg: ImageBaseConfig | dict) -> dict:
     """The fields of an image-base config that decide the trained weights (JSON-normalised)."""
     d = dataclasses.asdict(cfg) if isinstance(cfg, ImageBaseConfig) else cfg
-    return {k: v for k, v in json.loads(json.dumps(d)).items() if k not in NOT_RECIPE}
+    # snr_gamma unset is how bases trained before the field existed were trained: leave it out, so their
+    # checkpoints still resume
+    return {k: v for k, v in json.loads(json.dumps(d)).items()
+            if k not in NOT_RECIPE and not (k == "snr_gamma" and v is None)}
 
 
 def train_image_base(out: str | Path, cfg: ImageBaseConfig | None = None, stop_at: int | None = None,
