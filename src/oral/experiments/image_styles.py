@@ -207,11 +207,9 @@ class ImageStyles:
         from oral.image.judge import frechet_distance, kernel_distance
 
         feats, style_pred, cat_pred = self.judge.predict(pictures)
-        cats = self.judge.category_indices(subjects, style)  # (N,), -1: no category
-        known = cats >= 0
         return {"fid-ours": frechet_distance(feats, reference), "kid-ours": kernel_distance(feats, reference),
                 "style-acc": float((style_pred == self.judge.style_index(style)).float().mean()),
-                "subject-acc": float((cat_pred[known] == cats[known]).float().mean()) if known.any() else None}
+                "subject-acc": self.judge.subject_accuracy(cat_pred, subjects, style)}
 
     def _score_key(self, cand: Drawn, style: str, n: int) -> list:
         """What a set of pictures and its measures depend on: base, adapter bytes, style, sampling, judge."""

@@ -142,6 +142,14 @@ class Judge:
         a style whose categories it did not learn (style given: pixel-icons', clipart's)."""
         return _category_indices(self.meta, subjects, style)
 
+    def subject_accuracy(self, category_pred: torch.Tensor, subjects: list[str], style: str | None = None
+                         ) -> float | None:
+        """The share of pictures whose predicted category is their subject's, over the subjects the judge has
+        a category for; None when it has none (a style without Unicode categories)."""
+        cats = self.category_indices(subjects, style)  # (N,), -1: no category
+        known = cats >= 0
+        return float((category_pred[known] == cats[known]).double().mean()) if known.any() else None
+
 
 def _category_indices(meta: dict, subjects: list[str], style: str | None = None) -> torch.Tensor:
     if style is not None and style not in meta.get("category_styles", meta["styles"]):

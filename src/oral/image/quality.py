@@ -34,6 +34,10 @@ def match_at(drawn: torch.Tensor, real: torch.Tensor, k: int) -> float:
     return float((nearest == torch.arange(len(drawn))[:, None]).any(1).double().mean())
 
 
+def _round(x: float | None) -> float | None:
+    return None if x is None else round(x, 4)
+
+
 def evaluate_base(base: ImageBase, judge: Judge, subjects: int = 128, steps: int = 25, guidance: float = 1.0,
                   seed: int = 0) -> dict:
     """{"config": ..., "train": {measure: value}, "test": {...}}, plus the pictures for a grid under "_shown"."""
@@ -51,15 +55,13 @@ def evaluate_base(base: ImageBase, judge: Judge, subjects: int = 128, steps: int
         drawn = base.sample(names, steps=steps, guidance=guidance, seed=seed)  # (n, 3, S, S)
         feats, style_pred, cat_pred = judge.predict(drawn)
         real_feats, _, real_cat = judge.predict(real)
-        cats = judge.category_indices(names, base.style)  # -1: no category the judge learnt
-        scored = cats >= 0
         report[split] = {
             "n": len(names),
             "fid-ours": round(frechet_distance(feats, real_feats), 4),
             "kid-ours": round(kernel_distance(feats, real_feats), 6),
             "style-acc": round(float((style_pred == style).double().mean()), 4),
-            "subject-acc": round(float((cat_pred == cats)[scored].double().mean()), 4) if scored.any() else None,
-            "real-subject-acc": round(float((real_cat == cats)[scored].double().mean()), 4) if scored.any() else None,
+            "subject-acc": _round(judge.subject_accuracy(cat_pred, names, base.style)),
+            "real-subject-acc": _round(judge.subject_accuracy(real_cat, names, base.style)),
             "match@1": round(match_at(drawn, real, 1), 4),
             "match@5": round(match_at(drawn, real, 5), 4),
             "chance@1": round(1 / len(names), 4),
