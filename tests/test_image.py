@@ -94,6 +94,52 @@ def test_the_image_base_trains_resumes_to_the_same_weights_and_samples_through_d
     assert not torch.equal(x[0], x[1])
 
 
+def test_a_latent_base_trains_its_autoencoder_first_resumes_it_and_draws_through_it(style_home, tmp_path):
+    from diffusers import AutoencoderKL
+
+    from oral.image.base import (
+        VAE_CHECKPOINTS,
+        ImageBase,
+        ImageBaseConfig,
+        ImageBaseError,
+        copy_image_base,
+        recipe,
+        train_autoencoder,
+        train_image_base,
+    )
+
+    assert not any(k.startswith("vae_") for k in recipe(ImageBaseConfig(**TINY)))  # pixel bases keep their recipe
+    with pytest.raises(ImageBaseError, match="latents' side 4"):
+        ImageBaseConfig(**{**TINY, "channels": [8, 16, 16, 16]}, vae_channels=[8, 8])
+    cfg = ImageBaseConfig(**TINY, steps=2, save_every=2, vae_channels=[8, 8], vae_steps=4,
+                          vae_styles=["emoji-google", "emoji-twitter"])
+    straight = train_image_base(tmp_path / "straight", cfg)
+    vae = AutoencoderKL.from_pretrained(straight / "vae")
+    assert vae.config.scaling_factor != 1.0 and vae.config.latent_channels == 4
+    train_autoencoder(tmp_path / "resumed", cfg, torch.device("cpu"), stop_at=2)
+    assert (tmp_path / "resumed" / VAE_CHECKPOINTS).is_dir() and not (tmp_path / "resumed" / "vae").exists()
+    resumed = train_image_base(tmp_path / "resumed", cfg)
+    a, b = vae.state_dict(), AutoencoderKL.from_pretrained(resumed / "vae").state_dict()
+    assert all(torch.allclose(a[k], b[k], atol=1e-6) for k in a)
+
+    base = ImageBase.from_pretrained(straight)
+    assert base.vae is not None and (base.channels, base.model_size) == (4, 4)
+    x = base.sample(["subject 1", "a red square"], steps=3, guidance=2.0, seed=1)
+    assert x.shape == (2, 3, 8, 8) and x.abs().max() <= 1 and not torch.equal(x[0], x[1])
+    assert base.encode(x).shape == (2, 4, 4, 4)
+    shipped = copy_image_base(straight, tmp_path / "package", card="# a card\n")
+    assert (shipped / "vae" / "config.json").is_file() and not (shipped / VAE_CHECKPOINTS).exists()
+    assert torch.equal(ImageBase.from_pretrained(shipped).sample(["subject 1"], steps=3, seed=1), base.sample(
+        ["subject 1"], steps=3, seed=1))
+    # a style LoRA learns the latents of its pictures
+    from oral.image.lora import StyleLoraConfig, load_style_unet, train_style_lora
+
+    lcfg = StyleLoraConfig(steps=2, keep=1, batch_size=4, warmup_steps=1, checkpoint_every=0, eval_limit=4, device="cpu")
+    (adapter,) = train_style_lora(straight, "emoji-twitter", rank=2, out_dir=tmp_path / "zoo", cfg=lcfg)
+    drawn = base.sample(["subject 1"], steps=3, seed=1, unet=load_style_unet(base, adapter))
+    assert drawn.shape == (1, 3, 8, 8)
+
+
 def test_a_base_the_package_ships_is_copied_for_its_own_recipe_only(style_home, tmp_path, monkeypatch):
     from diffusers import UNet2DConditionModel
 

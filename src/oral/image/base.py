@@ -1,8 +1,8 @@
 """The image base model: a small text-to-image diffusion model of our own, on diffusers' code path.
 
-A diffusers `UNet2DConditionModel` in pixel space (RGB, `size` px), conditioned by cross-attention on
-the token embeddings of the subject's name from the text encoder the project already ships
-(all-MiniLM-L6-v2), trained with diffusers' DDPM noise schedule on one style set, sampled with DDIM
+A diffusers `UNet2DConditionModel` in pixel space (RGB, `size` px) or on the latents of a small
+AutoencoderKL of its own, conditioned by cross-attention on the token embeddings of the subject's name
+from the text encoder the project already ships (all-MiniLM-L6-v2), trained with diffusers' DDPM noise schedule on one style set, sampled with DDIM
 and classifier-free guidance. It is the base the style LoRAs adapt, as Stable Diffusion is in the paper.
 
     oral images train-base --config configs/image-base-emoji.yaml   # train (resumable)
@@ -12,6 +12,11 @@ and classifier-free guidance. It is the base the style LoRAs adapt, as Stable Di
 Files of a trained base (OUT/): unet/ (diffusers' save_pretrained: config.json and safetensors,
 the EMA weights), scheduler/ (diffusers' DDPMScheduler config), image_base.json (the text encoder,
 the size, the style set, the step), loss.csv, samples.png (held-out subjects), checkpoints/<step>/.
+
+With `vae_channels` set (configs/image-base-emoji-latent.yaml) the base is a latent one, laid out as Stable
+Diffusion is: an AutoencoderKL of our own is trained first (OUT/vae/, its loss log in vae/training.json,
+checkpoints-vae/<step>/), then the UNet learns its latents; sampling decodes them, and a style LoRA learns
+the latents of its style's pictures (ImageBase.encode / decode), as on a Stable Diffusion pipeline.
 """
 
 from __future__ import annotations
@@ -62,6 +67,9 @@ META_NAME = IMAGE_BASE_META
 UNET_DIR = IMAGE_BASE_UNET
 SCHEDULER_DIR = "scheduler"
 CHECKPOINTS = "checkpoints"
+VAE_DIR = "vae"  # a latent base's autoencoder (diffusers' save_pretrained), as in a Stable Diffusion pipeline
+VAE_META = "training.json"  # beside it: its recipe and loss log
+VAE_CHECKPOINTS = "checkpoints-vae"
 SAMPLES_NAME = "samples.png"  # held-out subjects drawn by the final model
 SAMPLE_COUNT = 16
 
@@ -99,6 +107,15 @@ class ImageBaseConfig:
     # Min-SNR-gamma loss weighting (Hang et al. 2023): each timestep's loss weighted by min(SNR, gamma) over
     # the target's own SNR scale, so the many easy low-noise steps stop dominating the gradient. None: plain MSE.
     snr_gamma: float | None = None
+    # The autoencoder (diffusers' AutoencoderKL, trained first, frozen): the UNet then denoises its latents,
+    # (latent_channels, size / 2^(len(vae_channels) - 1)) a side, as Stable Diffusion's does. None: pixels.
+    vae_channels: list[int] | None = None
+    vae_latent_channels: int = 4
+    vae_steps: int = 3000
+    vae_batch_size: int = 32
+    vae_lr: float = 1.0e-3
+    vae_kl_weight: float = 1.0e-6  # the KL term keeps the latents near N(0, 1) without blurring them
+    vae_styles: list[str] | None = None  # the style sets it learns to encode (None: the base's own)
     limit: int | None = None  # train on the first N subjects only (tests)
     seed: int = 0
     save_every: int = 500
@@ -110,7 +127,7 @@ class ImageBaseConfig:
 
     def __post_init__(self) -> None:
         style_set(self.style)  # unknown names fail here
-        if self.size % 2 ** (len(self.channels) - 1):
+        if self.vae_channels is None and self.size % 2 ** (len(self.channels) - 1):
             raise ImageBaseError(f"size {self.size} must be divisible by 2^{len(self.channels) - 1} "
                                  f"(one halving per UNet level after the first)")
         if any(c % self.norm_groups for c in self.channels):
@@ -121,15 +138,36 @@ class ImageBaseConfig:
             raise ImageBaseError(f"prediction_type must be epsilon, v_prediction or sample, got {self.prediction_type!r}")
         if self.snr_gamma is not None and self.snr_gamma <= 0:
             raise ImageBaseError(f"snr_gamma must be positive (5 is the usual value) or null, got {self.snr_gamma}")
+        if self.vae_channels is not None:
+            for name in self.vae_styles or []:
+                style_set(name)
+            if any(c % self.norm_groups for c in self.vae_channels):
+                raise ImageBaseError(f"every vae channel count ({self.vae_channels}) must be divisible by "
+                                     f"norm_groups={self.norm_groups}")
+            if self.latent_size % 2 ** (len(self.channels) - 1):
+                raise ImageBaseError(f"the latents' side {self.latent_size} (size {self.size} halved "
+                                     f"{len(self.vae_channels) - 1} times by the autoencoder) must be divisible by "
+                                     f"2^{len(self.channels) - 1} (one halving per UNet level after the first)")
+
+    @property
+    def latent_size(self) -> int:
+        """The side of what the UNet denoises: the pictures', or the autoencoder's latents'."""
+        return self.size if self.vae_channels is None else self.size // 2 ** (len(self.vae_channels) - 1)
+
+    @property
+    def latent_channels(self) -> int:
+        return 3 if self.vae_channels is None else self.vae_latent_channels
 
 
 def build_unet(cfg: ImageBaseConfig, text_dim: int = 384):
-    """The UNet: plain ResNet blocks at full size, cross-attention to the name at every smaller level."""
+    """The UNet: plain ResNet blocks at full size, cross-attention to the name at every smaller level; on
+    pixels, or on the autoencoder's latents."""
     from diffusers import UNet2DConditionModel
 
     levels = len(cfg.channels)
     return UNet2DConditionModel(
-        sample_size=cfg.size, in_channels=3, out_channels=3, layers_per_block=cfg.layers_per_block,
+        sample_size=cfg.latent_size, in_channels=cfg.latent_channels, out_channels=cfg.latent_channels,
+        layers_per_block=cfg.layers_per_block,
         block_out_channels=tuple(cfg.channels),
         down_block_types=("DownBlock2D",) + ("CrossAttnDownBlock2D",) * (levels - 1),
         up_block_types=("CrossAttnUpBlock2D",) * (levels - 1) + ("UpBlock2D",),
@@ -181,8 +219,91 @@ def recipe(cfg: ImageBaseConfig | dict) -> dict:
     d = dataclasses.asdict(cfg) if isinstance(cfg, ImageBaseConfig) else cfg
     # snr_gamma unset is how bases trained before the field existed were trained: leave it out, so their
     # checkpoints still resume
-    return {k: v for k, v in json.loads(json.dumps(d)).items()
-            if k not in NOT_RECIPE and not (k == "snr_gamma" and v is None)}
+    d = json.loads(json.dumps(d))
+    pixels = d.get("vae_channels") is None
+    # unset, these are how bases trained before the fields existed were trained: leave them out, so their
+    # checkpoints still resume
+    return {k: v for k, v in d.items()
+            if k not in NOT_RECIPE and not (k == "snr_gamma" and v is None) and not (pixels and k.startswith("vae_"))}
+
+
+def autoencoder_recipe(cfg: ImageBaseConfig) -> dict:
+    """The fields that decide the autoencoder's weights."""
+    return {k: v for k, v in recipe(cfg).items() if k.startswith("vae_") or k in ("size", "norm_groups", "seed", "style")}
+
+
+def build_autoencoder(cfg: ImageBaseConfig):
+    """diffusers' AutoencoderKL: one ResNet block per level, a halving between levels."""
+    from diffusers import AutoencoderKL
+
+    levels = len(cfg.vae_channels)
+    return AutoencoderKL(in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * levels,
+                         up_block_types=("UpDecoderBlock2D",) * levels, block_out_channels=tuple(cfg.vae_channels),
+                         layers_per_block=1, latent_channels=cfg.vae_latent_channels, norm_num_groups=cfg.norm_groups,
+                         sample_size=cfg.size)
+
+
+def train_autoencoder(out: Path, cfg: ImageBaseConfig, device: torch.device, stop_at: int | None = None):
+    """Train (or resume, or load when done) the autoencoder of a latent base into OUT/vae; returns it in
+    eval mode, its `scaling_factor` set so the training pictures' latents have unit variance (as SD's).
+
+    L1 reconstruction plus `vae_kl_weight` KL, on the training subjects of `vae_styles`; checkpoints under
+    OUT/checkpoints-vae. stop_at: stop after this step (a checkpoint is written there), as if interrupted."""
+    from diffusers import AutoencoderKL
+
+    key = autoencoder_recipe(cfg)
+    meta_path = out / VAE_DIR / VAE_META
+    if meta_path.is_file() and read_json(meta_path, f"remove {out / VAE_DIR}").get("recipe") == key:
+        log.info("image base: the autoencoder in %s is trained; reusing it", out / VAE_DIR)
+        return AutoencoderKL.from_pretrained(out / VAE_DIR).to(device).eval()
+    styles = cfg.vae_styles or [cfg.style]
+    images = torch.cat([load_style_set(name, cfg.size, split="train", limit=cfg.limit)[0] for name in styles])
+    log.info("image base: autoencoder on %d pictures of %s", len(images), ", ".join(styles))
+    torch.manual_seed(cfg.seed)
+    vae = build_autoencoder(cfg).to(device)
+    opt = torch.optim.AdamW(vae.parameters(), lr=cfg.vae_lr)
+    start, state, _ = resume(out / VAE_CHECKPOINTS, vae, opt, key,
+                             fix=f"resume with the same config, or give a new --out than {out}")
+    rows = state.get("loss_log", [])
+    end = cfg.vae_steps if stop_at is None else min(cfg.vae_steps, stop_at)
+    t0 = time.time() - (rows[-1]["wall_s"] if rows else 0.0)
+    bar = progress_bar(range(start, end), initial=start, total=cfg.vae_steps, desc="train autoencoder")
+    for step in bar:
+        done = step + 1
+        rng = step_rng(cfg.seed + 1, step)
+        x = images[torch.randint(0, len(images), (cfg.vae_batch_size,), generator=rng)].to(device)  # (B, 3, S, S)
+        lr = lr_at(done, lr=cfg.vae_lr, warmup_steps=min(cfg.warmup_steps, cfg.vae_steps // 10),
+                   total_steps=cfg.vae_steps, schedule="cosine", min_lr_ratio=cfg.min_lr_ratio)
+        set_lr(opt, lr)
+        posterior = vae.encode(x).latent_dist
+        z = posterior.mean + posterior.std * torch.randn(posterior.mean.shape, generator=rng).to(device)
+        recon = (vae.decode(z).sample - x).abs().mean()
+        loss = recon + cfg.vae_kl_weight * posterior.kl().mean()
+        if not math.isfinite(loss.item()):
+            raise ImageBaseError(f"the autoencoder's loss became {loss.item()} at step {done}; lower vae_lr")
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        if done % cfg.log_every == 0 or done == end:
+            rows.append({"step": done, "l1": round(recon.item(), 6), "lr": lr, "wall_s": round(time.time() - t0, 1)})
+            bar.set_postfix(l1=f"{recon.item():.4f}")
+        if done % cfg.save_every == 0 or done == end:
+            save_checkpoint(out / VAE_CHECKPOINTS, done, vae, opt, key, state={"loss_log": rows},
+                            keep=cfg.keep_checkpoints)
+    bar.close()
+    vae.eval()
+    if end < cfg.vae_steps:
+        return vae
+    with torch.no_grad():
+        latents = torch.cat([vae.encode(images[i:i + 64].to(device)).latent_dist.mean.cpu()
+                             for i in range(0, len(images), 64)])
+    vae.register_to_config(scaling_factor=float(1 / latents.std()))
+    with atomic_dir(out / VAE_DIR, overwrite=True) as tmp:
+        vae.save_pretrained(tmp, safe_serialization=True)
+        atomic_write_text(tmp / VAE_META, json.dumps({"recipe": key, "styles": styles, "steps": cfg.vae_steps,
+                                                       "wall_s": rows[-1]["wall_s"] if rows else 0.0,
+                                                       "loss_log": rows}, indent=1) + "\n")
+    return vae
 
 
 def train_image_base(out: str | Path, cfg: ImageBaseConfig | None = None, stop_at: int | None = None,
@@ -212,6 +333,15 @@ def train_image_base(out: str | Path, cfg: ImageBaseConfig | None = None, stop_a
     emb, mask = emb[:-1], mask[:-1]
     log.info("image base: %d subjects of %s at %d px", len(names), cfg.style, cfg.size)
 
+    # (a latent base: the autoencoder first, then the UNet learns its latents, encoded once)
+    vae = None
+    if cfg.vae_channels is not None:
+        vae = train_autoencoder(out, cfg, device)
+        scale = vae.config.scaling_factor
+        with torch.no_grad():
+            images = torch.cat([vae.encode(images[i:i + 64].to(device)).latent_dist.mean.cpu() * scale
+                                for i in range(0, len(images), 64)])  # (N, C, s, s)
+
     # 2) model, optimizer, EMA, noise schedule
     torch.manual_seed(cfg.seed)
     unet = build_unet(cfg, encoder.dim).to(device)
@@ -235,7 +365,7 @@ def train_image_base(out: str | Path, cfg: ImageBaseConfig | None = None, stop_a
         rng = step_rng(cfg.seed, step)
         # 3) a batch: pictures, their names (some replaced by the empty name), noise at random timesteps
         idx = torch.randint(0, len(images), (cfg.batch_size,), generator=rng)
-        x0 = images[idx.to(device)]  # (B, 3, S, S)
+        x0 = images[idx.to(device)]  # (B, C, s, s): pictures, or latents
         drop = (torch.rand(cfg.batch_size, generator=rng) < cfg.cond_dropout).to(device)  # (B,)
         c = torch.where(drop[:, None, None], null_emb, emb[idx.to(device)])  # (B, L, dim)
         m = torch.where(drop[:, None], null_mask, mask[idx.to(device)])  # (B, L)
@@ -247,7 +377,7 @@ def train_image_base(out: str | Path, cfg: ImageBaseConfig | None = None, stop_a
         lr = lr_at(done, lr=cfg.lr, warmup_steps=cfg.warmup_steps, total_steps=cfg.steps, schedule=cfg.schedule,
                    min_lr_ratio=cfg.min_lr_ratio)
         set_lr(opt, lr)
-        pred = unet(x_t, t, encoder_hidden_states=c, encoder_attention_mask=m).sample  # (B, 3, S, S)
+        pred = unet(x_t, t, encoder_hidden_states=c, encoder_attention_mask=m).sample  # (B, C, s, s)
         loss = denoising_loss(pred, target, t, scheduler, cfg.prediction_type, cfg.snr_gamma)
         if not math.isfinite(loss.item()):
             raise ImageBaseError(f"the loss became {loss.item()} at step {done}; lower lr")
@@ -291,7 +421,8 @@ def denoising_loss(pred: torch.Tensor, target: torch.Tensor, t: torch.Tensor, sc
 
 def _export(out: Path, cfg: ImageBaseConfig, text_dim: int, weights: dict, scheduler, step: int, wall_s: float,
             rows: list[dict]) -> None:
-    """OUT/unet, OUT/scheduler, OUT/image_base.json (last: a reader never sees a half-written base), loss.csv."""
+    """OUT/unet, OUT/scheduler, OUT/image_base.json (last: a reader never sees a half-written base), loss.csv.
+    (A latent base's OUT/vae is written once, by train_autoencoder.)"""
     unet = build_unet(cfg, text_dim)
     unet.load_state_dict({k: v.detach().cpu() for k, v in weights.items()})
     with atomic_dir(out / UNET_DIR, overwrite=True) as tmp:
@@ -312,11 +443,18 @@ def _export(out: Path, cfg: ImageBaseConfig, text_dim: int, weights: dict, sched
 BUNDLED = Path(__file__).resolve().parents[1] / "pretrained" / "image-base-emoji-google"
 BUNDLE_FILES = (META_NAME, f"{UNET_DIR}/config.json", f"{UNET_DIR}/diffusion_pytorch_model.safetensors",
                 f"{SCHEDULER_DIR}/scheduler_config.json")
+VAE_FILES = (f"{VAE_DIR}/config.json", f"{VAE_DIR}/diffusion_pytorch_model.safetensors")  # a latent base's too
+
+
+def base_files(path: Path) -> tuple[str, ...]:
+    """The inference files of the base in `path`: BUNDLE_FILES, and VAE_FILES when its recipe has an autoencoder."""
+    meta = read_json(path / META_NAME, f"train {path} again") if (path / META_NAME).is_file() else {}
+    return BUNDLE_FILES + (VAE_FILES if (meta.get("train") or {}).get("vae_channels") else ())
 
 
 def bundled_recipe() -> dict | None:
     """The training recipe of the base the package ships, or None when this install ships none."""
-    if not all((BUNDLED / f).is_file() for f in BUNDLE_FILES):
+    if not all((BUNDLED / f).is_file() for f in base_files(BUNDLED)):
         return None
     return recipe(read_json(BUNDLED / META_NAME, f"reinstall oral; {BUNDLED} is damaged")["train"])
 
@@ -328,14 +466,15 @@ def copy_image_base(src: str | Path, out: str | Path, device: str = "cpu", card:
     import shutil
 
     src, out = Path(src), Path(out)
-    missing = [f for f in BUNDLE_FILES if not (src / f).is_file()]
+    files = base_files(src)
+    missing = [f for f in files if not (src / f).is_file()]
     if missing:
         raise ImageBaseError(f"{src} is not a complete image base (no {', '.join(missing)}); train it with "
                              f"`{BUILD_COMMAND} --out {src}`")
     out.mkdir(parents=True, exist_ok=True)
-    for sub in (UNET_DIR, SCHEDULER_DIR):
+    for sub in sorted({f.split("/")[0] for f in files if "/" in f}):
         with atomic_dir(out / sub, overwrite=True) as tmp:
-            for f in BUNDLE_FILES:
+            for f in files:
                 if f.startswith(f"{sub}/"):
                     shutil.copyfile(src / f, tmp / Path(f).name)
     meta = read_json(src / META_NAME, f"train {src} again")
@@ -386,7 +525,13 @@ class ImageBase:
         dev = resolve_device(device)
         unet = UNet2DConditionModel.from_pretrained(path / UNET_DIR).to(dev).eval()
         scheduler_config = dict(DDIMScheduler.load_config(path / SCHEDULER_DIR))
-        return cls(path, meta, unet, scheduler_config, NameEncoder(meta["text_encoder"], meta["text_tokens"]), dev)
+        vae = None
+        if (path / VAE_DIR).is_dir():  # a latent base
+            from diffusers import AutoencoderKL
+
+            vae = AutoencoderKL.from_pretrained(path / VAE_DIR).to(dev).eval()
+        return cls(path, meta, unet, scheduler_config, NameEncoder(meta["text_encoder"], meta["text_tokens"]), dev,
+                   vae=vae)
 
     @classmethod
     def _from_pipeline(cls, path: Path, device: str) -> ImageBase:
@@ -521,6 +666,7 @@ def list_image_bases() -> list[dict]:
             if weights.is_file() else 0
         rows.append({"name": str(d), "architecture": "UNet2DConditionModel", "num_params": n,
                      "description": f"text-to-image base, {meta['size']} px, {meta['style']}, "
+                                    f"{'latent' if (d / VAE_DIR).is_dir() else 'pixel'} space, "
                                     f"{meta['train'].get('prediction_type', 'epsilon')}, step {meta['step']}",
                      "source": f"built by `oral images train-base` ({meta['style']}, {meta['step']} steps)",
                      "path": str(d)})

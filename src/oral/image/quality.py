@@ -98,11 +98,14 @@ def model_card(base: ImageBase, report: dict) -> str:
     """The README.md of the package's copy of a base: what it is, how it was trained, what it draws."""
     meta, train = base.meta, base.meta["train"]
     n = sum(p.numel() for p in base.unet.parameters())
+    space = "pixel space" if base.vae is None else (
+        f"on the {base.channels} x {base.model_size} x {base.model_size} latents of its own AutoencoderKL "
+        f"({sum(p.numel() for p in base.vae.parameters()) / 1e6:.2f} M parameters, channels {train['vae_channels']})")
     return "\n".join([
         f"# oral image base: {meta['style']}, {meta['size']} px",
         "",
-        f"A text-to-image diffusion model of {n / 1e6:.2f} M parameters (diffusers `UNet2DConditionModel`, pixel "
-        f"space, channels {train['channels']}) that draws the {meta['style']} style set from a subject's name, read "
+        f"A text-to-image diffusion model of {n / 1e6:.2f} M parameters (diffusers `UNet2DConditionModel`, {space}, "
+        f"channels {train['channels']}) that draws the {meta['style']} style set from a subject's name, read "
         f"by {meta['text_encoder']} (token embeddings, cross-attention). It is the base the style LoRAs of "
         "`oral images train-style` adapt and `oral generate --base` writes adapters for.",
         "",
