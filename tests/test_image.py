@@ -124,6 +124,10 @@ def test_a_latent_base_trains_its_autoencoder_first_resumes_it_and_draws_through
 
     base = ImageBase.from_pretrained(straight)
     assert base.vae is not None and (base.channels, base.model_size) == (4, 4)
+    # latents are not pictures in [-1, 1]: the sampler must not clip them there (pixel bases' does)
+    assert not base.noise_scheduler().config.clip_sample
+    assert ImageBase.from_pretrained(train_image_base(tmp_path / "pixels", ImageBaseConfig(**TINY, steps=1))
+                                     ).noise_scheduler().config.clip_sample
     x = base.sample(["subject 1", "a red square"], steps=3, guidance=2.0, seed=1)
     assert x.shape == (2, 3, 8, 8) and x.abs().max() <= 1 and not torch.equal(x[0], x[1])
     assert base.encode(x).shape == (2, 4, 4, 4)

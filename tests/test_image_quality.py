@@ -51,7 +51,7 @@ def test_eval_base_judges_training_and_held_out_drawings_and_writes_a_grid(style
         assert r["n"] == 5 and r["chance@1"] == 0.2
         assert 0 <= r["match@1"] <= r["match@5"] == 1.0  # k = n
         assert all(0 <= r[m] <= 1 for m in ("style-acc", "subject-acc", "real-subject-acc"))
-        assert r["fid-ours"] >= 0
+        assert r["fid-ours"] >= 0 and "vae-psnr" not in r  # a pixel base has no autoencoder
     assert (tmp_path / "grid.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     monkeypatch.setattr(image_base, "BUNDLED", tmp_path / "package" / "image-base")
     assert main(argv[:-3] + ["--bundle"]) == 0  # the table, then the package's copy with it in its card
@@ -60,6 +60,28 @@ def test_eval_base_judges_training_and_held_out_drawings_and_writes_a_grid(style
     card = (tmp_path / "package" / "image-base" / "README.md").read_text()
     assert "| training | 5 |" in card and "emoji-google" in card
     assert image_base.bundled_recipe() == image_base.recipe(image_base.ImageBase.from_pretrained(base_dir).meta["train"])
+
+
+def test_eval_base_of_a_latent_base_reports_its_autoencoder_s_round_trip_and_the_card_says_latent(style_home,
+                                                                                                    tmp_path):
+    import math
+
+    from oral.image.base import ImageBase, ImageBaseConfig, train_image_base
+    from oral.image.data import load_style_set
+    from oral.image.judge import JudgeConfig, train_judge
+    from oral.image.quality import evaluate_base, model_card
+
+    base_dir = train_image_base(tmp_path / "base", ImageBaseConfig(**TINY_IMAGE_BASE, steps=2, vae_channels=[8, 8],
+                                                                   vae_steps=3))
+    judge = train_judge(tmp_path / "judge", JudgeConfig(styles=["emoji-google", "emoji-twitter"], size=8, width=8,
+                                                        features=8, steps=3, batch_size=8))
+    base = ImageBase.from_pretrained(base_dir)
+    report = evaluate_base(base, judge, subjects=5, steps=2)
+    real, _ = load_style_set("emoji-google", 8, "test", limit=5)
+    back = base.decode(base.encode(real))
+    assert report["test"]["vae-psnr"] == round(-10 * math.log10(float(((back - real) / 2).pow(2).mean())), 2)
+    assert report["train"]["vae-fid-ours"] >= 0
+    assert "latents of its own AutoencoderKL" in model_card(base, report)
 
 
 def test_eval_base_refuses_too_few_subjects_and_a_dir_without_a_base(style_home, tmp_path, capsys):

@@ -178,8 +178,10 @@ def build_unet(cfg: ImageBaseConfig, text_dim: int = 384):
 def build_scheduler(cfg: ImageBaseConfig):
     from diffusers import DDPMScheduler
 
+    # pictures live in [-1, 1], so a predicted picture is clipped there; latents do not (unit variance, as
+    # Stable Diffusion's, whose schedulers do not clip either)
     return DDPMScheduler(num_train_timesteps=cfg.train_timesteps, beta_schedule=cfg.beta_schedule,
-                         prediction_type=cfg.prediction_type, clip_sample=True)
+                         prediction_type=cfg.prediction_type, clip_sample=cfg.vae_channels is None)
 
 
 # -----------------------------------------------------------------------------

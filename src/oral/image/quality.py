@@ -8,6 +8,8 @@ never saw) from one seed, and each set of drawings is set beside the real pictur
 - style-acc: the share of drawings the judge puts in the base's own style;
 - subject-acc: the share whose subject category (Smileys, Animals, Food, ...) the judge reads right;
   the same judge on the real pictures gives the ceiling (`real-subject-acc`);
+- vae-psnr, vae-fid-ours (latent bases): the real pictures through the base's autoencoder and back, against
+  the real pictures: the floor the drawings cannot beat;
 - match@1, match@5: is the drawing of a subject nearest (pixel L2) to that subject's real picture
   among the real pictures of all the drawn subjects (chance: 1/n and 5/n)? A base that draws the
   asked subject scores high on training subjects; on held-out ones only what the name implies can match.
@@ -17,6 +19,8 @@ never saw) from one seed, and each set of drawings is set beside the real pictur
 """
 
 from __future__ import annotations
+
+import math
 
 import torch
 
@@ -66,6 +70,11 @@ def evaluate_base(base: ImageBase, judge: Judge, subjects: int = 128, steps: int
             "match@5": round(match_at(drawn, real, 5), 4),
             "chance@1": round(1 / len(names), 4),
         }
+        if base.vae is not None:  # a latent base draws no better than its autoencoder gives back the real pictures
+            back = base.decode(base.encode(real))
+            mse = float(((back - real) / 2).pow(2).mean())  # on [0, 1] pixels
+            report[split]["vae-psnr"] = round(10 * math.log10(1 / max(mse, 1e-12)), 2)
+            report[split]["vae-fid-ours"] = round(frechet_distance(judge.predict(back)[0], real_feats), 4)
         report["_shown"][split] = (real[:GRID_SUBJECTS], drawn[:GRID_SUBJECTS], names[:GRID_SUBJECTS])
     return report
 
@@ -83,7 +92,7 @@ def report_grid(report: dict) -> bytes:
 
 def format_report(report: dict) -> str:
     cfg = report["config"]
-    measures = [k for k in report["train"] if k != "n"]
+    measures = [k for k in report["train"] if k != "n"]  # a latent base's rows also carry vae-*
     lines = [f"{cfg['base']} drawing {cfg['style']}: {cfg['steps']} DDIM steps, guidance {cfg['guidance']}, "
              f"seed {cfg['seed']}", "", "| subjects | n | " + " | ".join(measures) + " |",
              "|---|---|" + "---|" * len(measures)]
