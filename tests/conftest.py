@@ -83,8 +83,9 @@ def write_fake_style_set(home: Path, name: str, folder: str, flag: str, shade: i
 
 
 # A tiny image base config (8 px, two UNet levels): the image tests' model
-TINY_IMAGE_BASE = {"size": 8, "channels": [8, 16], "norm_groups": 8, "head_dim": 4, "text_tokens": 6, "batch_size": 4,
-                   "warmup_steps": 2, "log_every": 1, "sample_steps": 3, "device": "cpu"}
+TINY_IMAGE_BASE = {"size": 8, "channels": [8, 16], "vae_channels": None, "norm_groups": 8, "head_dim": 4,
+                   "text_tokens": 6, "batch_size": 4, "warmup_steps": 2, "log_every": 1, "sample_steps": 3,
+                   "device": "cpu"}
 
 
 @pytest.fixture()

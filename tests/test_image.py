@@ -110,9 +110,9 @@ def test_a_latent_base_trains_its_autoencoder_first_resumes_it_and_draws_through
 
     assert not any(k.startswith("vae_") for k in recipe(ImageBaseConfig(**TINY)))  # pixel bases keep their recipe
     with pytest.raises(ImageBaseError, match="latents' side 4"):
-        ImageBaseConfig(**{**TINY, "channels": [8, 16, 16, 16]}, vae_channels=[8, 8])
-    cfg = ImageBaseConfig(**TINY, steps=2, save_every=2, vae_channels=[8, 8], vae_steps=4,
-                          vae_styles=["emoji-google", "emoji-twitter"])
+        ImageBaseConfig(**{**TINY, "channels": [8, 16, 16, 16], "vae_channels": [8, 8]})
+    cfg = ImageBaseConfig(**{**TINY, "vae_channels": [8, 8]}, vae_latent_channels=4, steps=2, save_every=2,
+                          vae_steps=4, vae_styles=["emoji-google", "emoji-twitter"])
     straight = train_image_base(tmp_path / "straight", cfg)
     vae = AutoencoderKL.from_pretrained(straight / "vae")
     assert vae.config.scaling_factor != 1.0 and vae.config.latent_channels == 4

@@ -71,8 +71,8 @@ def test_eval_base_of_a_latent_base_reports_its_autoencoder_s_round_trip_and_the
     from oral.image.judge import JudgeConfig, train_judge
     from oral.image.quality import evaluate_base, model_card
 
-    base_dir = train_image_base(tmp_path / "base", ImageBaseConfig(**TINY_IMAGE_BASE, steps=2, vae_channels=[8, 8],
-                                                                   vae_steps=3))
+    latent = {**TINY_IMAGE_BASE, "vae_channels": [8, 8]}
+    base_dir = train_image_base(tmp_path / "base", ImageBaseConfig(**latent, steps=2, vae_steps=3))
     judge = train_judge(tmp_path / "judge", JudgeConfig(styles=["emoji-google", "emoji-twitter"], size=8, width=8,
                                                         features=8, steps=3, batch_size=8))
     base = ImageBase.from_pretrained(base_dir)

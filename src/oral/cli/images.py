@@ -87,7 +87,8 @@ def run(args) -> int:
         from oral.paths import expand_path, oral_home
 
         cfg = load_config(ImageBaseConfig, args.config, args.words)
-        fetch_style_set(cfg.style)
+        for name in dict.fromkeys([cfg.style, *(cfg.vae_styles or [])]):  # what the base and its autoencoder learn
+            fetch_style_set(name)
         out = Path(expand_path(args.out)) if args.out else oral_home() / "image-bases" / cfg.style
         print(f"image base: {train_image_base(out, cfg, use_bundled=not args.retrain)}")
         return 0

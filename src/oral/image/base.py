@@ -2,8 +2,9 @@
 
 A diffusers `UNet2DConditionModel` in pixel space (RGB, `size` px) or on the latents of a small
 AutoencoderKL of its own, conditioned by cross-attention on the token embeddings of the subject's name
-from the text encoder the project already ships (all-MiniLM-L6-v2), trained with diffusers' DDPM noise schedule on one style set, sampled with DDIM
-and classifier-free guidance. It is the base the style LoRAs adapt, as Stable Diffusion is in the paper.
+from the text encoder the project already ships (all-MiniLM-L6-v2), trained with diffusers' DDPM noise
+schedule on one style set, sampled with DDIM and classifier-free guidance. It is the base the style
+LoRAs adapt, as Stable Diffusion is in the paper.
 
     oral images train-base --config configs/image-base-emoji.yaml   # train (resumable)
     base = ImageBase.from_pretrained(dir)                            # the exported model
@@ -108,10 +109,11 @@ class ImageBaseConfig:
     # the target's own SNR scale, so the many easy low-noise steps stop dominating the gradient. None: plain MSE.
     snr_gamma: float | None = None
     # The autoencoder (diffusers' AutoencoderKL, trained first, frozen): the UNet then denoises its latents,
-    # (latent_channels, size / 2^(len(vae_channels) - 1)) a side, as Stable Diffusion's does. None: pixels.
+    # (latent_channels, size / 2^(len(vae_channels) - 1)) a side, as Stable Diffusion's does
+    # (configs/image-base-emoji-latent.yaml). None: pixels.
     vae_channels: list[int] | None = None
-    vae_latent_channels: int = 4
-    vae_steps: int = 3000
+    vae_latent_channels: int = 8
+    vae_steps: int = 1500
     vae_batch_size: int = 32
     vae_lr: float = 1.0e-3
     vae_kl_weight: float = 1.0e-6  # the KL term keeps the latents near N(0, 1) without blurring them
@@ -141,6 +143,9 @@ class ImageBaseConfig:
         if self.vae_channels is not None:
             for name in self.vae_styles or []:
                 style_set(name)
+            if self.size % 2 ** (len(self.vae_channels) - 1):
+                raise ImageBaseError(f"size {self.size} must be divisible by 2^{len(self.vae_channels) - 1} "
+                                     f"(one halving per autoencoder level after the first)")
             if any(c % self.norm_groups for c in self.vae_channels):
                 raise ImageBaseError(f"every vae channel count ({self.vae_channels}) must be divisible by "
                                      f"norm_groups={self.norm_groups}")
