@@ -671,11 +671,12 @@ def list_image_bases() -> list[dict]:
         weights = d / UNET_DIR / "diffusion_pytorch_model.safetensors"
         n = sum(t.numel() for t in load_safetensors(weights, f"remove {d} and build it again").values()) \
             if weights.is_file() else 0
+        space = "latent" if (d / VAE_DIR).is_dir() else "pixel"
         rows.append({"name": str(d), "architecture": "UNet2DConditionModel", "num_params": n,
-                     "description": f"text-to-image base, {meta['size']} px, {meta['style']}, "
-                                    f"{'latent' if (d / VAE_DIR).is_dir() else 'pixel'} space, "
+                     "description": f"text-to-image base, {meta['size']} px, {meta['style']}, {space} space, "
                                     f"{meta['train'].get('prediction_type', 'epsilon')}, step {meta['step']}",
-                     "source": f"built by `oral images train-base` ({meta['style']}, {meta['step']} steps)",
+                     "source": f"built by `oral images train-base` ({meta['style']}, {space} space, "
+                               f"{meta['step']} steps)",
                      "path": str(d)})
     default = root / ImageBaseConfig().style
     if not any(r["path"] == str(default) for r in rows):
