@@ -223,20 +223,19 @@ NOT_RECIPE = ("device", "save_every", "keep_checkpoints", "log_every", "sample_s
 
 def recipe(cfg: ImageBaseConfig | dict) -> dict:
     """The fields of an image-base config that decide the trained weights (JSON-normalised)."""
-    d = dataclasses.asdict(cfg) if isinstance(cfg, ImageBaseConfig) else cfg
-    # snr_gamma unset is how bases trained before the field existed were trained: leave it out, so their
-    # checkpoints still resume
-    d = json.loads(json.dumps(d))
+    d = json.loads(json.dumps(dataclasses.asdict(cfg) if isinstance(cfg, ImageBaseConfig) else cfg))
+    # snr_gamma unset, and a pixel base's vae_* fields, are how bases trained before those fields existed were
+    # trained: leave them out, so their checkpoints still resume
     pixels = d.get("vae_channels") is None
-    # unset, these are how bases trained before the fields existed were trained: leave them out, so their
-    # checkpoints still resume
-    return {k: v for k, v in d.items()
-            if k not in NOT_RECIPE and not (k == "snr_gamma" and v is None) and not (pixels and k.startswith("vae_"))}
+    return {k: v for k, v in d.items() if k not in NOT_RECIPE and not (k == "snr_gamma" and v is None)
+            and not (pixels and k.startswith("vae_"))}
 
 
 def autoencoder_recipe(cfg: ImageBaseConfig) -> dict:
-    """The fields that decide the autoencoder's weights."""
-    return {k: v for k, v in recipe(cfg).items() if k.startswith("vae_") or k in ("size", "norm_groups", "seed", "style")}
+    """The fields that decide the autoencoder's weights (its data, shape, seed and lr schedule)."""
+    return {k: v for k, v in recipe(cfg).items()
+            if k.startswith("vae_") or k in ("style", "size", "limit", "norm_groups", "seed", "warmup_steps",
+                                             "min_lr_ratio")}
 
 
 def build_autoencoder(cfg: ImageBaseConfig):
