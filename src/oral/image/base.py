@@ -249,6 +249,13 @@ def build_autoencoder(cfg: ImageBaseConfig):
                          sample_size=cfg.size)
 
 
+@torch.no_grad()
+def encode_latents(vae, images: torch.Tensor, device: torch.device, batch: int = 64) -> torch.Tensor:
+    """Pictures (n, 3, S, S) -> the means of `vae`'s latents (n, C, s, s) on the CPU, before any scaling."""
+    return torch.cat([vae.encode(images[i:i + batch].to(device)).latent_dist.mean.cpu()
+                      for i in range(0, len(images), batch)])
+
+
 def train_autoencoder(out: Path, cfg: ImageBaseConfig, device: torch.device, stop_at: int | None = None):
     """Train (or resume, or load when done) the autoencoder of a latent base into OUT/vae; returns it in
     eval mode, its `scaling_factor` set so the training pictures' latents have unit variance (as SD's).
@@ -300,10 +307,7 @@ def train_autoencoder(out: Path, cfg: ImageBaseConfig, device: torch.device, sto
     vae.eval()
     if end < cfg.vae_steps:
         return vae
-    with torch.no_grad():
-        latents = torch.cat([vae.encode(images[i:i + 64].to(device)).latent_dist.mean.cpu()
-                             for i in range(0, len(images), 64)])
-    vae.register_to_config(scaling_factor=float(1 / latents.std()))
+    vae.register_to_config(scaling_factor=float(1 / encode_latents(vae, images, device).std()))
     with atomic_dir(out / VAE_DIR, overwrite=True) as tmp:
         vae.save_pretrained(tmp, safe_serialization=True)
         atomic_write_text(tmp / VAE_META, json.dumps({"recipe": key, "styles": styles, "steps": cfg.vae_steps,
@@ -340,13 +344,9 @@ def train_image_base(out: str | Path, cfg: ImageBaseConfig | None = None, stop_a
     log.info("image base: %d subjects of %s at %d px", len(names), cfg.style, cfg.size)
 
     # (a latent base: the autoencoder first, then the UNet learns its latents, encoded once)
-    vae = None
     if cfg.vae_channels is not None:
         vae = train_autoencoder(out, cfg, device)
-        scale = vae.config.scaling_factor
-        with torch.no_grad():
-            images = torch.cat([vae.encode(images[i:i + 64].to(device)).latent_dist.mean.cpu() * scale
-                                for i in range(0, len(images), 64)])  # (N, C, s, s)
+        images = encode_latents(vae, images, device) * vae.config.scaling_factor  # (N, C, s, s)
 
     # 2) model, optimizer, EMA, noise schedule
     torch.manual_seed(cfg.seed)
@@ -570,9 +570,7 @@ class ImageBase:
         """Pictures (n, 3, size, size) in [-1, 1] -> what the UNet denoises (the pictures themselves, or latents)."""
         if self.vae is None:
             return images
-        scale = self.vae.config.scaling_factor
-        return torch.cat([self.vae.encode(images[i:i + batch].to(self.device)).latent_dist.mean.cpu() * scale
-                          for i in range(0, len(images), batch)])
+        return encode_latents(self.vae, images, self.device, batch) * self.vae.config.scaling_factor
 
     @torch.no_grad()
     def decode(self, x: torch.Tensor, batch: int = 16) -> torch.Tensor:
