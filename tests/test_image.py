@@ -257,3 +257,26 @@ def test_sampling_with_a_perfect_noise_predictor_returns_its_picture(style_home,
     for guidance in (1.0, 3.0):
         x = base.sample(["subject 1", "subject 2"], steps=20, guidance=guidance, seed=0, unet=Oracle())
         assert torch.allclose(x, target.expand(2, -1, -1, -1), atol=1e-3), (x - target).abs().max()
+
+
+def test_the_shipped_image_configs_load():
+    """Every image-base and style-zoo config in configs/ builds its config (a typo'd key or a style set
+    that does not exist fails here, not an hour into a run)."""
+    from pathlib import Path
+
+    from oral.config import load_config
+    from oral.grid import ZooConfig
+    from oral.image.base import ImageBaseConfig
+
+    configs = Path(__file__).resolve().parents[1] / "configs"
+    bases = sorted(configs.glob("image-base-*.yaml"))
+    zoos = sorted(configs.glob("zoo-styles*.yaml"))
+    assert len(bases) >= 3 and len(zoos) >= 2
+    for path in bases:
+        cfg = load_config(ImageBaseConfig, path)
+        assert cfg.style == "emoji-google", path
+    wide = load_config(ImageBaseConfig, configs / "image-base-emoji-latent-wide.yaml")
+    assert wide.vae_channels and len(wide.vae_styles) == 6 and wide.latent_size == 8
+    for path in zoos:
+        cfg = load_config(ZooConfig, path)
+        assert cfg.grid, path
