@@ -6,19 +6,17 @@ each style set through the base's `vae/` and back, judged as `oral images eval-b
 A latent base draws no better than its autoencoder gives back a picture, and a style LoRA on it no better
 than the autoencoder gives back that style: this is the floor of each style's FID-ours on that base
 (docs/RESULTS.md, "The image base"). Columns: PSNR on [0, 1] pixels, FID-ours of the round trip against
-the real pictures, and the judge's style accuracy on the real pictures and on the round trip.
+the real pictures (oral.image.quality.round_trip, as eval-base's vae-psnr and vae-fid-ours), and the
+judge's style accuracy on the real pictures and on the round trip.
 """
 
 import argparse
-import math
 from pathlib import Path
 
-import torch
-from diffusers import AutoencoderKL
-
-from oral.image.base import VAE_DIR, encode_latents
+from oral.image.base import ImageBase
 from oral.image.data import load_style_set
-from oral.image.judge import Judge, frechet_distance
+from oral.image.judge import Judge
+from oral.image.quality import round_trip
 from oral.paths import expand_path
 
 
@@ -29,23 +27,19 @@ def main() -> None:
     p.add_argument("--judge", default="$ORAL_HOME/image-judges/emoji-32", help="the judge dir")
     p.add_argument("--subjects", type=int, default=128, help="held-out subjects per style")
     args = p.parse_args()
-    vae_dir = Path(expand_path(args.base)) / VAE_DIR
-    if not vae_dir.is_dir():
-        raise SystemExit(f"{vae_dir} does not exist: give a latent base (one trained with vae_channels set)")
-    vae = AutoencoderKL.from_pretrained(vae_dir).eval()
+    base = ImageBase.from_pretrained(Path(expand_path(args.base)))
+    if base.vae is None:
+        raise SystemExit(f"{args.base} has no vae/: give a latent base (one trained with vae_channels set)")
     judge = Judge.from_pretrained(Path(expand_path(args.judge)))
     print("| style | PSNR (dB) | FID-ours | style-acc real | style-acc round trip |\n|---|---|---|---|---|")
     for style in args.styles:
-        real, _ = load_style_set(style, vae.config.sample_size or 32, "test", limit=args.subjects)
-        with torch.no_grad():
-            back = vae.decode(encode_latents(vae, real, torch.device("cpu"))).sample.clamp(-1, 1)
-        mse = float(((back - real) / 2).pow(2).mean())
+        real, _ = load_style_set(style, base.size, "test", limit=args.subjects)
         real_feats, real_style, _ = judge.predict(real)
-        feats, style_pred, _ = judge.predict(back)
+        trip = round_trip(base, judge, real, real_feats)
         index = judge.styles.index(style) if style in judge.styles else None  # a judge knows the styles it trained on
-        acc = ["-" if index is None else f"{float((pred == index).double().mean()):.3f}" for pred in (real_style, style_pred)]
-        print(f"| {style} | {10 * math.log10(1 / max(mse, 1e-12)):.2f} | {frechet_distance(feats, real_feats):.1f} "
-              f"| {acc[0]} | {acc[1]} |")
+        acc = ["-" if index is None else f"{float((pred == index).double().mean()):.3f}"
+               for pred in (real_style, trip["style"])]
+        print(f"| {style} | {trip['psnr']:.2f} | {trip['fid-ours']:.1f} | {acc[0]} | {acc[1]} |")
 
 
 if __name__ == "__main__":

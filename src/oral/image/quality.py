@@ -42,6 +42,18 @@ def _round(x: float | None) -> float | None:
     return None if x is None else round(x, 4)
 
 
+def round_trip(base: ImageBase, judge: Judge, real: torch.Tensor, real_feats: torch.Tensor | None = None) -> dict:
+    """Real pictures through a latent base's autoencoder and back: {"psnr" (on [0, 1] pixels), "fid-ours"
+    (against the real pictures), "style": the judge's style prediction per picture}."""
+    back = base.decode(base.encode(real))
+    mse = float(((back - real) / 2).pow(2).mean())
+    feats, style, _ = judge.predict(back)
+    if real_feats is None:
+        real_feats = judge.predict(real)[0]
+    return {"psnr": 10 * math.log10(1 / max(mse, 1e-12)), "fid-ours": frechet_distance(feats, real_feats),
+            "style": style}
+
+
 def evaluate_base(base: ImageBase, judge: Judge, subjects: int = 128, steps: int = 25, guidance: float = 1.0,
                   seed: int = 0) -> dict:
     """{"config": ..., "train": {measure: value}, "test": {...}}, plus the pictures for a grid under "_shown"."""
@@ -71,10 +83,9 @@ def evaluate_base(base: ImageBase, judge: Judge, subjects: int = 128, steps: int
             "chance@1": round(1 / len(names), 4),
         }
         if base.vae is not None:  # a latent base draws no better than its autoencoder gives back the real pictures
-            back = base.decode(base.encode(real))
-            mse = float(((back - real) / 2).pow(2).mean())  # on [0, 1] pixels
-            report[split]["vae-psnr"] = round(10 * math.log10(1 / max(mse, 1e-12)), 2)
-            report[split]["vae-fid-ours"] = round(frechet_distance(judge.predict(back)[0], real_feats), 4)
+            trip = round_trip(base, judge, real, real_feats)
+            report[split]["vae-psnr"] = round(trip["psnr"], 2)
+            report[split]["vae-fid-ours"] = round(trip["fid-ours"], 4)
         report["_shown"][split] = (real[:GRID_SUBJECTS], drawn[:GRID_SUBJECTS], names[:GRID_SUBJECTS])
     return report
 
