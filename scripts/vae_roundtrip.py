@@ -14,7 +14,7 @@ import argparse
 from pathlib import Path
 
 from oral.image.base import ImageBase
-from oral.image.data import load_style_set
+from oral.image.data import StyleSetError, load_style_set, style_set
 from oral.image.judge import Judge
 from oral.image.quality import round_trip
 from oral.paths import expand_path
@@ -27,6 +27,11 @@ def main() -> None:
     p.add_argument("--judge", default="$ORAL_HOME/image-judges/emoji-32", help="the judge dir")
     p.add_argument("--subjects", type=int, default=128, help="held-out subjects per style")
     args = p.parse_args()
+    try:
+        for name in args.styles:
+            style_set(name)
+    except StyleSetError as e:
+        raise SystemExit(str(e)) from None
     base = ImageBase.from_pretrained(Path(expand_path(args.base)))
     if base.vae is None:
         raise SystemExit(f"{args.base} has no vae/: give a latent base (one trained with vae_channels set)")
