@@ -24,7 +24,7 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("base", help="a latent image base dir (one with vae/)")
     p.add_argument("styles", nargs="+", help="style set names (`oral images list`)")
-    p.add_argument("--judge", default="$ORAL_HOME/image-judges/emoji-32", help="the judge dir")
+    p.add_argument("--judge", default="$ORAL_HOME/image-judges/styles8-32", help="the judge dir")
     p.add_argument("--subjects", type=int, default=128, help="held-out subjects per style")
     args = p.parse_args()
     try:

@@ -68,6 +68,24 @@ def test_far_prompts_are_flagged_and_near_ones_are_not(tiny_generator_dir):
     assert not far["familiar"] and far["nearest"][0]["similarity"] < FAMILIAR_SIMILARITY
 
 
+def test_snap_gives_a_far_prompt_the_nearest_descriptions_adapter_and_says_so(tiny_generator_dir, tmp_path):
+    from oral.generate import generate_adapters
+    from oral.lora import load_adapter, read_provenance
+
+    gen = Generator.from_pretrained(tiny_generator_dir, device="cpu")
+    far, close = "Translate English poems into French.", get_task("sms-spam").heldout_descriptions[1]
+    nearest = gen.familiarity(far)["nearest"][0]["description"]
+    assert gen.conditioning_prompt(far) == far and gen.conditioning_prompt(far, snap=True) == nearest
+    assert gen.conditioning_prompt(close, snap=True) == close  # a familiar prompt is generated for as it is
+    (snapped,) = generate_adapters(gen, "tiny-llama", far, tmp_path / "snapped", seed=3, steps=5, snap=True)
+    (direct,) = generate_adapters(gen, "tiny-llama", nearest, tmp_path / "direct", seed=3, steps=5)
+    (plain,) = generate_adapters(gen, "tiny-llama", far, tmp_path / "plain", seed=3, steps=5)
+    a, b, c = (load_adapter(p)[1] for p in (snapped, direct, plain))
+    assert all(torch.equal(a[k], b[k]) for k in a) and not all(torch.equal(a[k], c[k]) for k in a)
+    assert read_provenance(snapped)["prompt"] == far and read_provenance(snapped)["conditioned_on"] == nearest
+    assert "conditioned_on" not in read_provenance(plain)
+
+
 def test_bundled_generator_is_fp16_loads_as_fp32_and_is_used_when_none_is_named(tiny_generator_dir, tmp_path,
                                                                                  monkeypatch):
     import oral.generate as g

@@ -171,6 +171,22 @@ def test_a_base_the_package_ships_is_copied_for_its_own_recipe_only(style_home, 
     assert image_base.bundled_recipe() is None
 
 
+def test_the_package_copy_of_a_base_stores_float16_and_draws_as_the_float32_base(style_home, tmp_path):
+    from safetensors.torch import load_file
+
+    from oral.image.base import ImageBase, ImageBaseConfig, copy_image_base, train_image_base
+
+    trained = train_image_base(tmp_path / "trained", ImageBaseConfig(**TINY, steps=2))
+    half = copy_image_base(trained, tmp_path / "half", card="# a card\n", dtype=torch.float16)
+    weights = "unet/diffusion_pytorch_model.safetensors"
+    assert {v.dtype for v in load_file(half / weights).values()} == {torch.float16}
+    assert (half / weights).stat().st_size < 0.6 * (trained / weights).stat().st_size
+    full, read = ImageBase.from_pretrained(trained), ImageBase.from_pretrained(half)
+    assert {p.dtype for p in read.unet.parameters()} == {torch.float32}
+    a, b = (base.sample(["subject 1", "subject 2"], steps=3, seed=1) for base in (full, read))
+    assert (a - b).abs().max() < 1e-2
+
+
 def test_a_style_lora_trains_into_a_zoo_resumes_and_loads_the_same_through_peft_and_diffusers(style_home, tmp_path):
     from oral.image.base import ImageBase, ImageBaseConfig, train_image_base
     from oral.image.lora import (

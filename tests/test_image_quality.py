@@ -66,7 +66,9 @@ def test_eval_base_of_a_latent_base_reports_its_autoencoder_s_round_trip_and_the
                                                                                                     tmp_path):
     import math
 
-    from oral.image.base import ImageBase, ImageBaseConfig, train_image_base
+    import yaml
+
+    from oral.image.base import ImageBase, ImageBaseConfig, recipe, train_image_base
     from oral.image.data import load_style_set
     from oral.image.judge import JudgeConfig, train_judge
     from oral.image.quality import evaluate_base, model_card
@@ -81,7 +83,10 @@ def test_eval_base_of_a_latent_base_reports_its_autoencoder_s_round_trip_and_the
     back = base.decode(base.encode(real))
     assert report["test"]["vae-psnr"] == round(-10 * math.log10(float(((back - real) / 2).pow(2).mean())), 2)
     assert report["train"]["vae-fid-ours"] >= 0
-    assert "latents of its own AutoencoderKL" in model_card(base, report)
+    card = model_card(base, report)
+    assert "latents of its own AutoencoderKL" in card and "emoji-google (Apache-2.0)" in card
+    # the card's recipe, saved as a YAML config, is this base's recipe: what train-base would rebuild (or copy)
+    assert recipe(yaml.safe_load(card.split("```yaml\n")[1].split("```")[0])) == recipe(base.meta["train"])
 
 
 def test_eval_base_refuses_too_few_subjects_and_a_dir_without_a_base(style_home, tmp_path, capsys):

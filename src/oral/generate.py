@@ -402,7 +402,7 @@ class Generator:
     def generate(self, base: str, prompt: str, seed: int = 0, steps: int | None = None, guidance: float | None = None,
                  sampler: str = "ddim", eta: float = 0.0, rank: int | None = None,
                  base_model: torch.nn.Module | None = None, c_model: torch.Tensor | None = None,
-                 init: tuple | None = None, strength: float = 1.0) -> tuple:
+                 init: tuple | None = None, strength: float = 1.0, snap: bool = False) -> tuple:
         """(base, prompt) -> (spec, state): a LoRA adapter for `base` as a PEFT-keyed state dict.
 
         base: an embedded name, local dir or hub id (its architecture must be one the generator
@@ -413,19 +413,27 @@ class Generator:
         earlier version of `base`) instead of generating from noise: SDEdit on its weight tokens, conditioned on
         `base` and `prompt`. strength 0 returns it unchanged, 1 is plain generation; in between, the larger,
         the more the generator may move it.
+        snap: when the prompt is far from every training description (the warning below), generate for the
+        nearest training description instead: that task's adapter, rather than what the generator makes of a
+        request it never learned (on a held-out image style, the nearest style's LoRA came closer than that:
+        docs/RESULTS.md, "Image domain").
         """
         steps, guidance = self.sampling(steps, guidance)
         if not 0.0 <= strength <= 1.0:
             raise GenerationError(f"strength must be between 0 (keep the init adapter) and 1 (ignore it), got {strength}")
         if not prompt or not prompt.strip():
             raise GenerationError("the prompt is empty: describe the task the adapter should do")
+        used = self.conditioning_prompt(prompt, snap)
         known = self.familiarity(prompt)
         if not known["familiar"]:
             near = known["nearest"][0]
             log.warning("the prompt is far from every task this generator was trained on (%s; nearest: %r of %s, "
-                        "similarity %.2f): the adapter will likely do %s, not what was asked",
-                        ", ".join(self.config["conditions"]["tasks"]), near["description"], near["task"],
-                        near["similarity"], near["task"])
+                        "similarity %.2f): %s", ", ".join(self.config["conditions"]["tasks"]), near["description"],
+                        near["task"], near["similarity"],
+                        f"generating {near['task']}'s adapter for that description instead (snap)" if snap else
+                        "the adapter is the generator's guess, likely not what was asked (snap=True: the nearest "
+                        "task's adapter instead)")
+        prompt = used
         gi = self.layout_for(base, rank)
         if c_model is None:
             c_model = self.model_condition(base, gi, base_model)
@@ -457,6 +465,14 @@ class Generator:
             return tok.encode(state).tokens.clone()
         except AdapterError as e:
             raise GenerationError(f"the adapter to refine does not fit this generator's layout: {e}") from e
+
+    def conditioning_prompt(self, prompt: str, snap: bool = False) -> str:
+        """The text the adapter is generated for: `prompt`, or with `snap`, when the prompt is far from every
+        training description, the nearest one."""
+        if not snap:
+            return prompt
+        known = self.familiarity(prompt)
+        return prompt if known["familiar"] else known["nearest"][0]["description"]
 
     def provenance(self, base: str, prompt: str, seed: int, steps: int, guidance: float, sampler: str, eta: float) -> dict:
         return {
@@ -709,11 +725,13 @@ def generate_adapters(
     device: str = "auto",
     init: str | Path | None = None,
     strength: float = 1.0,
+    snap: bool = False,
 ) -> list[Path]:
     """Write `num` validated PEFT adapter dirs (generator None: the bundled one): OUT itself for num=1, else OUT/seed-<s> for seeds
     seed, seed+1, ... Each dir records its provenance (generator, prompt, seed, zoo manifest hash). guidance, steps
     None: the generator's `default_guidance`, `default_steps`. init, strength: refine the PEFT adapter in dir
-    `init` (`Generator.generate`) instead of generating from noise."""
+    `init` (`Generator.generate`) instead of generating from noise. snap: a prompt far from every training
+    description gets the nearest description's adapter (`Generator.generate`), recorded as `conditioned_on`."""
     if num < 1:
         raise GenerationError(f"num must be >= 1, got {num}")
     init_adapter = None
@@ -741,9 +759,11 @@ def generate_adapters(
     for i in range(num):
         s = seed + i
         spec, state = gen.generate(base, prompt, seed=s, steps=steps, guidance=guidance, sampler=sampler, eta=eta, rank=rank,
-                                   base_model=base_model, init=init_adapter, strength=strength)
+                                   base_model=base_model, init=init_adapter, strength=strength, snap=snap)
         path = out if num == 1 else out / f"seed-{s}"
         provenance = {**gen.provenance(base, prompt, s, steps, guidance, sampler, eta), "base_fingerprint": fingerprint}
+        if gen.conditioning_prompt(prompt, snap) != prompt:
+            provenance["conditioned_on"] = gen.conditioning_prompt(prompt, snap)
         if init_adapter is not None:
             provenance.update(init=str(Path(init).resolve()), init_digest=adapter_digest(init_adapter[1]), strength=strength)
         save_adapter(path, spec, state, provenance=provenance, overwrite=overwrite, extra=diffusers_layout)

@@ -29,6 +29,9 @@ def add_parser(sub) -> None:
                    help="a PEFT adapter dir of the generator's layout to start from instead of noise (SDEdit)")
     p.add_argument("--strength", type=float, default=None,
                    help="with --init: how far the generator may move it, 0 (keep it) .. 1 (ignore it); default 0.1")
+    p.add_argument("--snap", action="store_true",
+                   help="when the prompt is far from every training description (the warning), make the adapter of "
+                        "the nearest description instead of the generator's guess (docs/RESULTS.md, \"Image domain\")")
     p.add_argument("--rank", type=int, help="LoRA rank, when the generator learned several for this base")
     p.add_argument("--device", default="auto", help="cpu, cuda, or auto")
     p.add_argument("--overwrite", action="store_true", help="replace existing output dirs")
@@ -46,11 +49,13 @@ def run(args) -> int:
     gen = Generator.from_pretrained(args.generator, device=args.device)
     known = gen.familiarity(args.prompt)
     near = known["nearest"][0]
-    print(f"nearest training description: {near['description']!r} ({near['task']}, similarity {near['similarity']:.2f})")
+    print(f"nearest training description: {near['description']!r} ({near['task']}, similarity {near['similarity']:.2f})"
+          + (" -> generating for it (--snap)" if gen.conditioning_prompt(args.prompt, args.snap) != args.prompt else ""))
     t0 = time.time()
     paths = generate_adapters(gen, args.base, args.prompt, args.out, seed=args.seed, num=args.num, steps=args.steps,
                               guidance=args.guidance, sampler=args.sampler, rank=args.rank, overwrite=args.overwrite,
-                              init=args.init, strength=REFINE_STRENGTH if args.strength is None else args.strength)
+                              init=args.init, strength=REFINE_STRENGTH if args.strength is None else args.strength,
+                              snap=args.snap)
     dt = time.time() - t0
     for p in paths:
         print(p)

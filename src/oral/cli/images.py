@@ -16,7 +16,7 @@ def add_parser(sub) -> None:
                     "`oral images train-style --base DIR STYLE ... [key=value ...]` trains a style LoRA per style set "
                     "into a zoo (PEFT dirs that also hold diffusers' pytorch_lora_weights.safetensors); "
                     "`oral images train-judge [key=value ...]` trains the style/category classifier whose features "
-                    "give FID-ours and KID-ours (default $ORAL_HOME/image-judges/emoji-32); "
+                    "give FID-ours and KID-ours (default $ORAL_HOME/image-judges/styles8-32, every style set); "
                     "`oral images eval-base --base DIR` judges how the base draws its own style, on training and "
                     "held-out subjects.",
     )
@@ -27,11 +27,11 @@ def add_parser(sub) -> None:
                                           "train-judge: key=value overrides of JudgeConfig")
     p.add_argument("--config", help="train-base: a YAML ImageBaseConfig")
     p.add_argument("--out", help="train-base: the model dir (default $ORAL_HOME/image-bases/<style>); "
-                                 "train-judge: the judge's dir (default $ORAL_HOME/image-judges/emoji-32); "
+                                 "train-judge: the judge's dir (default $ORAL_HOME/image-judges/styles8-32); "
                                  "sample: the PNG to write (default samples.png); "
                                  "eval-base: a PNG of real pictures over the base's drawings (optional)")
     p.add_argument("--base", help="sample, train-style, eval-base: a trained image base dir")
-    p.add_argument("--judge", default="$ORAL_HOME/image-judges/emoji-32", help="eval-base: the judge's dir")
+    p.add_argument("--judge", default="$ORAL_HOME/image-judges/styles8-32", help="eval-base: the judge's dir")
     p.add_argument("--subjects", type=int, default=128, help="eval-base: subjects drawn per split")
     p.add_argument("--adapter", help="sample: a style LoRA dir to draw with (diffusers' pytorch_lora_weights.safetensors)")
     p.add_argument("--zoo", default="$ORAL_HOME/zoos/styles", help="train-style: the zoo the runs go into")

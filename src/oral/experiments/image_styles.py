@@ -62,10 +62,10 @@ GRID_SUBJECTS = 10  # columns of each sample grid
 class ImageStylesConfig:
     """What the image-styles experiment measures (configs/exp-image-styles.yaml)."""
 
-    base: str = "$ORAL_HOME/image-bases/emoji-google"  # the image base the style LoRAs adapt
-    zoo: str = "$ORAL_HOME/zoos/styles"  # the style zoo: `trained` is its final checkpoint of each style
-    generator: str = "$ORAL_HOME/generators/styles"  # trained on the zoo (some styles may be held out of it)
-    judge: str = "$ORAL_HOME/image-judges/emoji-32"  # `oral images train-judge`
+    base: str = "$ORAL_HOME/image-bases/emoji-google-latent-wide"  # the image base the style LoRAs adapt
+    zoo: str = "$ORAL_HOME/zoos/styles-latent-wide-selfattn"  # the style zoo: `trained` is its final checkpoint of each style
+    generator: str = "$ORAL_HOME/generators/image-styles"  # trained on the zoo (some styles may be held out of it)
+    judge: str = "$ORAL_HOME/image-judges/styles8-32"  # `oral images train-judge` (scripts/image_styles.sh)
     styles: list[str] = field(default_factory=list)  # empty: every style in the zoo
     methods: list[str] = field(default_factory=lambda: list(METHODS))  # nearest, generated: need the generator
     rank: int = 4  # the zoo runs used: their rank ...
@@ -73,9 +73,10 @@ class ImageStylesConfig:
     descriptions: int = 2  # held-out descriptions per style
     seeds: list[int] = field(default_factory=lambda: [0, 1, 2])  # the generator's sampling seeds per description
     gen_steps: int = 10  # the generator's DDIM steps
+    snap: bool = False  # generated: a description far from every training one gets the nearest one's adapter
     subjects: int = 128  # held-out subjects drawn per method (the same names and noise for every method)
     steps: int = 25  # DDIM steps of the image base
-    guidance: float = 1.0  # the image base's classifier-free guidance
+    guidance: float = 3.0  # the image base's classifier-free guidance (3 keeps the subject on the latent base)
     sample_seed: int = 0
     device: str = "auto"  # where the image base draws (cuda when there is one)
     out: str = "docs/results"
@@ -155,13 +156,15 @@ class ImageStyles:
 
             for description in style_set(style).heldout_descriptions[:cfg.descriptions]:
                 for seed in cfg.seeds:
-                    key = hashlib.sha256(json.dumps([self.gen_digest, str(self.base_dir), description, seed,
+                    used = self.gen.conditioning_prompt(description, cfg.snap)  # the description itself, or snapped
+                    key = hashlib.sha256(json.dumps([self.gen_digest, str(self.base_dir), used, seed,
                                                      cfg.gen_steps]).encode()).hexdigest()[:16]
                     out = self.cache_dir / "adapters" / key
                     if not (out / "adapter_config.json").is_file():
-                        generate_adapters(self.gen, str(self.base_dir), description, out, seed=seed, steps=cfg.gen_steps,
+                        generate_adapters(self.gen, str(self.base_dir), used, out, seed=seed, steps=cfg.gen_steps,
                                           overwrite=True)
-                    yield Drawn("generated", out, description, seed)
+                    yield Drawn("generated", out, description, seed,
+                                info={"conditioned_on": used} if used != description else {})
 
     # --- the memorization check -------------------------------------------------
 

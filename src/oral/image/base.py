@@ -465,11 +465,16 @@ def bundled_recipe() -> dict | None:
     return recipe(read_json(BUNDLED / META_NAME, f"reinstall oral; {BUNDLED} is damaged")["train"])
 
 
-def copy_image_base(src: str | Path, out: str | Path, device: str = "cpu", card: str | None = None) -> Path:
-    """Copy a trained base's inference files (unet/, scheduler/, image_base.json; no checkpoints) into `out`,
-    the metadata last so a reader never sees half a base, then draw its held-out sample grid there (or,
-    with `card`, write the card as README.md instead: the package's copy). Returns `out`."""
+def copy_image_base(src: str | Path, out: str | Path, device: str = "cpu", card: str | None = None,
+                    dtype: torch.dtype | None = None) -> Path:
+    """Copy a trained base's inference files (unet/, scheduler/, image_base.json, vae/ of a latent base; no
+    checkpoints) into `out`, the metadata last so a reader never sees half a base, then draw its held-out sample
+    grid there (or, with `card`, write the card as README.md instead: the package's copy). `dtype`: store the
+    weights so (the package's copy: float16, half the bytes); `ImageBase.from_pretrained` reads them back as
+    float32. Returns `out`."""
     import shutil
+
+    from safetensors.torch import save as safetensors_bytes
 
     src, out = Path(src), Path(out)
     files = base_files(src)
@@ -481,7 +486,14 @@ def copy_image_base(src: str | Path, out: str | Path, device: str = "cpu", card:
     for sub in sorted({f.split("/")[0] for f in files if "/" in f}):
         with atomic_dir(out / sub, overwrite=True) as tmp:
             for f in files:
-                if f.startswith(f"{sub}/"):
+                if not f.startswith(f"{sub}/"):
+                    continue
+                if dtype is not None and f.endswith(".safetensors"):
+                    weights = load_safetensors(src / f, f"train {src} again")
+                    (tmp / Path(f).name).write_bytes(safetensors_bytes(
+                        {k: v.to(dtype) if v.is_floating_point() else v for k, v in weights.items()},
+                        metadata={"format": "pt"}))
+                else:
                     shutil.copyfile(src / f, tmp / Path(f).name)
     meta = read_json(src / META_NAME, f"train {src} again")
     if card is not None:
@@ -529,13 +541,14 @@ class ImageBase:
                                  "give a diffusers pipeline dir (model_index.json, unet/, vae/, text_encoder/)")
         meta = read_json(path / META_NAME, f"train it again with `oral images train-base --out {path}`")
         dev = resolve_device(device)
-        unet = UNet2DConditionModel.from_pretrained(path / UNET_DIR).to(dev).eval()
+        # float32 whatever the files hold (the package's copy stores float16)
+        unet = UNet2DConditionModel.from_pretrained(path / UNET_DIR, torch_dtype=torch.float32).to(dev).eval()
         scheduler_config = dict(DDIMScheduler.load_config(path / SCHEDULER_DIR))
         vae = None
         if (path / VAE_DIR).is_dir():  # a latent base
             from diffusers import AutoencoderKL
 
-            vae = AutoencoderKL.from_pretrained(path / VAE_DIR).to(dev).eval()
+            vae = AutoencoderKL.from_pretrained(path / VAE_DIR, torch_dtype=torch.float32).to(dev).eval()
         return cls(path, meta, unet, scheduler_config, NameEncoder(meta["text_encoder"], meta["text_tokens"]), dev,
                    vae=vae)
 
@@ -653,7 +666,9 @@ def write_sample_grid(base: ImageBase, out: str | Path, prompts: list[str], step
     return out
 
 
-BUILD_COMMAND = "oral images train-base --config configs/image-base-emoji.yaml"  # the default image base
+DEFAULT_BASE = "emoji-google-latent-wide"  # the image base the style experiment adapts, under $ORAL_HOME/image-bases
+BUILD_COMMAND = (f"oral images train-base --config configs/image-base-emoji-latent-wide.yaml "
+                 f"--out $ORAL_HOME/image-bases/{DEFAULT_BASE}")  # builds it
 
 
 def list_image_bases() -> list[dict]:
@@ -675,11 +690,10 @@ def list_image_bases() -> list[dict]:
                      "source": f"built by `oral images train-base` ({meta['style']}, {space} space, "
                                f"{meta['step']} steps)",
                      "path": str(d)})
-    default = root / ImageBaseConfig().style
-    if not any(r["path"] == str(default) for r in rows):
+    if not rows:
         shipped = bundled_recipe() is not None
-        rows.append({"name": str(default), "architecture": "UNet2DConditionModel", "num_params": 0,
+        rows.append({"name": str(root / DEFAULT_BASE), "architecture": "UNet2DConditionModel", "num_params": 0,
                      "description": "text-to-image base (not installed)" if shipped else "text-to-image base (not built)",
                      "source": f"shipped in the package: `{BUILD_COMMAND}` copies it here in seconds" if shipped
-                     else f"not built: `{BUILD_COMMAND}` (~90 min on one CPU thread)", "path": None})
+                     else f"not built: `{BUILD_COMMAND}` (~65 min on two CPU threads)", "path": None})
     return rows

@@ -38,10 +38,11 @@ from oral.training import lr_at, set_lr, step_rng
 
 log = logging.getLogger(__name__)
 
-DEFAULT_JUDGE = "$ORAL_HOME/image-judges/emoji-32"
-# The default judge's styles: the emoji and OpenMoji sets (what emoji-32 was trained on). A judge of the
-# pixel-icons or clipart style LoRAs needs them too: `oral images train-judge styles=[...,pixel-icons,clipart]`.
-JUDGE_STYLES = ("emoji-google", "emoji-twitter", "emoji-apple", "emoji-facebook", "openmoji-color", "openmoji-line")
+DEFAULT_JUDGE = "$ORAL_HOME/image-judges/styles8-32"
+# The default judge's styles: every style set the style experiment draws. The earlier judge of the emoji and
+# OpenMoji sets only: `oral images train-judge --out $ORAL_HOME/image-judges/emoji-32 "styles=[<the first six>]"`.
+JUDGE_STYLES = ("emoji-google", "emoji-twitter", "emoji-apple", "emoji-facebook", "openmoji-color", "openmoji-line",
+                "pixel-icons", "clipart")
 WEIGHTS = "judge.safetensors"
 META = "judge.json"
 

@@ -21,10 +21,13 @@ never saw) from one seed, and each set of drawings is set beside the real pictur
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
 import torch
+import yaml
 
-from oral.image.base import ImageBase, ImageBaseError, image_grid
+from oral.image.base import ImageBase, ImageBaseError, image_grid, recipe
+from oral.image.data import style_set
 from oral.image.judge import Judge, frechet_distance, kernel_distance
 
 SPLITS = ("train", "test")
@@ -117,6 +120,7 @@ def format_report(report: dict) -> str:
 def model_card(base: ImageBase, report: dict) -> str:
     """The README.md of the package's copy of a base: what it is, how it was trained, what it draws."""
     meta, train = base.meta, base.meta["train"]
+    report = {**report, "config": {**report["config"], "base": Path(report["config"]["base"]).name}}  # no local path
     n = sum(p.numel() for p in base.unet.parameters())
     space = "pixel space" if base.vae is None else (
         f"on the {base.channels} x {base.model_size} x {base.model_size} latents of its own AutoencoderKL "
@@ -135,8 +139,15 @@ def model_card(base: ImageBase, report: dict) -> str:
         f"{train['beta_schedule']} betas, {train['cond_dropout']:.0%} of names dropped (classifier-free guidance); "
         f"{meta['wall_s']:.0f} s of training on CPU",
         "- the style set's training subjects only (a tenth of the names, chosen by a hash, are held out)",
-        "- rebuild: `oral images train-base --config configs/image-base-emoji.yaml --retrain` (without --retrain "
-        "that command copies this base)",
+        *([] if base.vae is None else [
+            f"- its autoencoder: {train['vae_steps']} steps on the training subjects of "
+            + ", ".join(f"{s} ({style_set(s).license})" for s in train.get("vae_styles") or [meta["style"]])]),
+        "- rebuild: the recipe below as a YAML file, then `oral images train-base --config FILE --retrain` (without "
+        "--retrain that command copies this base)",
+        "",
+        "```yaml",
+        yaml.safe_dump(recipe(train), sort_keys=True, default_flow_style=None).rstrip(),
+        "```",
         "",
         "## Measured (`oral images eval-base`)",
         "",
@@ -149,14 +160,15 @@ def model_card(base: ImageBase, report: dict) -> str:
         "## Limits",
         f"- {meta['size']} px and {n / 1e6:.1f} M parameters: compare its subject accuracy and match@k above with "
         "the real pictures' before relying on it to draw a named subject.",
-        f"- Trained on {meta['style']} pictures (Google's Noto emoji, Apache-2.0).",
+        f"- Trained on {meta['style']} pictures ({style_set(meta['style']).license}).",
         "",
     ])
 
 
 def bundle_base(base_dir, report: dict, out=None):
-    """Copy a trained base into the package (oral.image.base.BUNDLED, or `out`) with its model card."""
+    """Copy a trained base into the package (oral.image.base.BUNDLED, or `out`), its weights stored as float16,
+    with its model card."""
     from oral.image.base import BUNDLED, copy_image_base
 
     base = ImageBase.from_pretrained(base_dir)
-    return copy_image_base(base_dir, BUNDLED if out is None else out, card=model_card(base, report))
+    return copy_image_base(base_dir, BUNDLED if out is None else out, card=model_card(base, report), dtype=torch.float16)
