@@ -423,7 +423,6 @@ class Generator:
             raise GenerationError(f"strength must be between 0 (keep the init adapter) and 1 (ignore it), got {strength}")
         if not prompt or not prompt.strip():
             raise GenerationError("the prompt is empty: describe the task the adapter should do")
-        used = self.conditioning_prompt(prompt, snap)
         known = self.familiarity(prompt)
         if not known["familiar"]:
             near = known["nearest"][0]
@@ -433,7 +432,8 @@ class Generator:
                         f"generating {near['task']}'s adapter for that description instead (snap)" if snap else
                         "the adapter is the generator's guess, likely not what was asked (snap=True: the nearest "
                         "task's adapter instead)")
-        prompt = used
+            if snap:
+                prompt = near["description"]
         gi = self.layout_for(base, rank)
         if c_model is None:
             c_model = self.model_condition(base, gi, base_model)
@@ -755,6 +755,7 @@ def generate_adapters(
     diffusers_layout = None
     if is_unet_base(base):  # a UNet: the dir also holds the file diffusers' load_lora_weights reads
         from oral.image.lora import save_diffusers_lora as diffusers_layout
+    used = gen.conditioning_prompt(prompt, snap)  # what the adapters are generated for
     written = []
     for i in range(num):
         s = seed + i
@@ -762,8 +763,8 @@ def generate_adapters(
                                    base_model=base_model, init=init_adapter, strength=strength, snap=snap)
         path = out if num == 1 else out / f"seed-{s}"
         provenance = {**gen.provenance(base, prompt, s, steps, guidance, sampler, eta), "base_fingerprint": fingerprint}
-        if gen.conditioning_prompt(prompt, snap) != prompt:
-            provenance["conditioned_on"] = gen.conditioning_prompt(prompt, snap)
+        if used != prompt:
+            provenance["conditioned_on"] = used
         if init_adapter is not None:
             provenance.update(init=str(Path(init).resolve()), init_digest=adapter_digest(init_adapter[1]), strength=strength)
         save_adapter(path, spec, state, provenance=provenance, overwrite=overwrite, extra=diffusers_layout)
