@@ -10,7 +10,7 @@ def add_parser(sub) -> None:
         help="style sets and the text-to-image base model the style LoRAs adapt",
         description="`oral images list` shows the style sets; `oral images fetch NAME ... [--archive FILE]` downloads "
                     "them (npm pack or apt-get download; or from an archive downloaded by hand); "
-                    "`oral images train-base [--config configs/image-base-emoji.yaml] [key=value ...]` trains "
+                    "`oral images train-base [--config configs/image-base-emoji-latent-wide.yaml] [key=value ...]` trains "
                     "the image base model (resumable; a config whose base the package ships is copied, not trained, "
                     "unless --retrain); `oral images sample --base DIR PROMPT ...` draws with it; "
                     "`oral images train-style --base DIR STYLE ... [key=value ...]` trains a style LoRA per style set "

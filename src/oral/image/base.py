@@ -6,7 +6,7 @@ from the text encoder the project already ships (all-MiniLM-L6-v2), trained with
 schedule on one style set, sampled with DDIM and classifier-free guidance. It is the base the style
 LoRAs adapt, as Stable Diffusion is in the paper.
 
-    oral images train-base --config configs/image-base-emoji.yaml   # train (resumable)
+    oral images train-base --config configs/image-base-emoji-latent-wide.yaml   # the shipped one: copied; else trained (resumable)
     base = ImageBase.from_pretrained(dir)                            # the exported model
     images = base.sample(["cat face", "red apple"], seed=0)          # (2, 3, S, S) in [-1, 1]
 
@@ -537,7 +537,7 @@ class ImageBase:
             return cls._from_pipeline(path, device)
         if not (path / META_NAME).is_file():
             raise ImageBaseError(f"{path} holds no trained image base ({META_NAME} is missing); train one with "
-                                 "`oral images train-base --config configs/image-base-emoji.yaml --out DIR`, or "
+                                 f"`{BUILD_COMMAND}` (copied from the package in seconds), or "
                                  "give a diffusers pipeline dir (model_index.json, unet/, vae/, text_encoder/)")
         meta = read_json(path / META_NAME, f"train it again with `oral images train-base --out {path}`")
         dev = resolve_device(device)
