@@ -432,8 +432,7 @@ class Generator:
                         f"generating {near['task']}'s adapter for that description instead (snap)" if snap else
                         "the adapter is the generator's guess, likely not what was asked (snap=True: the nearest "
                         "task's adapter instead)")
-            if snap:
-                prompt = near["description"]
+        prompt = self.conditioning_prompt(prompt, snap, known)
         gi = self.layout_for(base, rank)
         if c_model is None:
             c_model = self.model_condition(base, gi, base_model)
@@ -466,12 +465,12 @@ class Generator:
         except AdapterError as e:
             raise GenerationError(f"the adapter to refine does not fit this generator's layout: {e}") from e
 
-    def conditioning_prompt(self, prompt: str, snap: bool = False) -> str:
+    def conditioning_prompt(self, prompt: str, snap: bool = False, known: dict | None = None) -> str:
         """The text the adapter is generated for: `prompt`, or with `snap`, when the prompt is far from every
-        training description, the nearest one."""
+        training description, the nearest one. known: `familiarity(prompt)`, when already computed."""
         if not snap:
             return prompt
-        known = self.familiarity(prompt)
+        known = known or self.familiarity(prompt)
         return prompt if known["familiar"] else known["nearest"][0]["description"]
 
     def provenance(self, base: str, prompt: str, seed: int, steps: int, guidance: float, sampler: str, eta: float) -> dict:

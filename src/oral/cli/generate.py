@@ -50,7 +50,7 @@ def run(args) -> int:
     known = gen.familiarity(args.prompt)
     near = known["nearest"][0]
     print(f"nearest training description: {near['description']!r} ({near['task']}, similarity {near['similarity']:.2f})"
-          + (" -> generating for it (--snap)" if gen.conditioning_prompt(args.prompt, args.snap) != args.prompt else ""))
+          + (" -> generating for it (--snap)" if args.snap and not known["familiar"] else ""))
     t0 = time.time()
     paths = generate_adapters(gen, args.base, args.prompt, args.out, seed=args.seed, num=args.num, steps=args.steps,
                               guidance=args.guidance, sampler=args.sampler, rank=args.rank, overwrite=args.overwrite,
